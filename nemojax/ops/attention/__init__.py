@@ -1,0 +1,3 @@
+from nemojax.ops.attention.reference import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,3 @@
+from nemojax.ops.ssd.api import IMPLEMENTATIONS, ssd, ssd_step
+
+__all__ = ["IMPLEMENTATIONS", "ssd", "ssd_step"]

@@ -1,0 +1,57 @@
+"""SSD dispatch: validation and the `implementation=` switch."""
+
+from __future__ import annotations
+
+
+from nemojax.ops.ssd import reference
+
+IMPLEMENTATIONS = ("xla", "sequential")
+
+
+def _default_implementation() -> str:
+    return "xla"  # Pallas kernels register here once they exist (GPU only)
+
+
+def _check(x, dt, A, B, C, D, initial_state):
+    if x.ndim != 4:
+        raise ValueError(f"ssd: x must be [b, l, h, p]; got shape {x.shape}")
+    b, l, h, p = x.shape
+    if dt.shape != (b, l, h):
+        raise ValueError(f"ssd: dt must be [b, l, h] = {(b, l, h)}; got {dt.shape}")
+    if A.shape != (h,):
+        raise ValueError(f"ssd: A must be [h] = {(h,)}; got {A.shape}")
+    if B.ndim != 4 or B.shape[:2] != (b, l) or h % B.shape[2] or C.shape != B.shape:
+        raise ValueError(f"ssd: B and C must be [b, l, g, n] with h % g == 0 (b={b}, l={l}, h={h}); "
+                         f"got B {B.shape}, C {C.shape}")
+    if D is not None and D.shape != (h,):
+        raise ValueError(f"ssd: D must be [h] = {(h,)} or None; got {D.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
+        raise ValueError(f"ssd: initial_state must be [b, h, p, n] = {(b, h, p, B.shape[3])}; "
+                         f"got {initial_state.shape}")
+
+
+def ssd(x, dt, A, B, C, chunk_size=128, D=None, initial_state=None, return_final_state=True,
+        implementation=None):
+    """Mamba-2 SSD over a whole sequence; returns (y in x's dtype, final_state fp32 [b,h,p,n]),
+    or y alone with `return_final_state=False`. implementation: None | "xla" | "sequential"."""
+    _check(x, dt, A, B, C, D, initial_state)
+    impl = implementation or _default_implementation()
+    if impl == "xla":
+        if chunk_size <= 0:
+            raise ValueError(f"ssd: chunk_size must be > 0; got {chunk_size}")
+        y, final = reference.ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state)
+    elif impl == "sequential":
+        y, final = reference.ssd_sequential(x, dt, A, B, C, D, initial_state)
+    else:
+        raise ValueError(f"ssd: implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
+    y = y.astype(x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def ssd_step(state, x, dt, A, B, C, D=None):
+    """One decode step: (y [b,h,p] in x's dtype, new_state fp32 [b,h,p,n])."""
+    y, state = reference.ssd_step(state, x, dt, A, B, C, D)
+    return y.astype(x.dtype), state
+
+
+__all__ = ["ssd", "ssd_step", "IMPLEMENTATIONS"]

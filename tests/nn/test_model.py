@@ -1,0 +1,136 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemojax as nj
+
+TINY = ["tiny-hybrid", "tiny-moe", "tiny-latent-mtp"]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+def scaled_model(name, seed=0):
+    """A tiny model with weights scaled up so that every layer visibly changes the logits."""
+    model = nj.HybridLM(nj.presets.get(name), rngs=nnx.Rngs(seed))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    bumped = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2 else x for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, bumped))
+    return model
+
+
+def tokens_for(model, b=2, l=37, seed=3):
+    return jax.random.randint(jax.random.key(seed), (b, l), 0, model.cfg.vocab_size, jnp.int32)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_cached_forward_and_decode_reproduce_full_forward(name):
+    model = scaled_model(name)
+    tokens = tokens_for(model)  # 37 tokens: two full 16-token chunks and a partial one
+    full = model(tokens)
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+    pieces = []
+    for start, stop in [(0, 20), (20, 29)]:  # prefill, then a cached multi-token forward
+        logits, cache = model.forward(tokens[:, start:stop], cache)
+        pieces.append(logits)
+    for t in range(29, 37):  # then token-by-token decode
+        logits, cache = model.forward(tokens[:, t:t + 1], cache)
+        pieces.append(logits)
+    assert int(cache["pos"]) == 37
+    assert rel_err(jnp.concatenate(pieces, axis=1), full) < 1e-5
+
+
+def test_every_layer_matters():
+    """Guards the parity tests against a layer that silently does nothing."""
+    model = scaled_model("tiny-moe")
+    tokens = tokens_for(model)
+    base = model(tokens)
+    for i in range(len(model.layers)):
+        state = nnx.state(model.layers[i].mixer, nnx.Param)
+        saved = jax.tree.map(lambda x: x, state)
+        nnx.update(model.layers[i].mixer, jax.tree.map(jnp.zeros_like, state))
+        assert rel_err(model(tokens), base) > 1e-3, f"layer {i} has no effect"
+        nnx.update(model.layers[i].mixer, saved)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bf16_forward_tracks_fp32(name):
+    m32 = scaled_model(name)
+    m16 = nj.HybridLM(m32.cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    nnx.update(m16, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)))
+    tokens = tokens_for(m32)
+    p32 = jax.nn.softmax(m32(tokens), axis=-1)
+    p16 = jax.nn.softmax(m16(tokens), axis=-1)
+    assert m16(tokens).dtype == jnp.float32  # logits always come out in fp32
+    # bf16 has ~3 significant digits; compare next-token distributions
+    assert float(jnp.max(jnp.abs(p32 - p16))) < 5e-2
+
+
+def test_greedy_generate_equals_argmax_of_full_forward():
+    model = scaled_model("tiny-moe")
+    prompt = tokens_for(model, l=11)
+    out = nj.generate(model, prompt, max_new_tokens=6, temperature=0.0)
+    seq = prompt
+    for _ in range(6):  # oracle: re-run the whole sequence every step, no cache
+        seq = jnp.concatenate([seq, jnp.argmax(model(seq)[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
+    np.testing.assert_array_equal(out, seq)
+
+
+def test_sampling_truncation_degenerates_to_greedy():
+    model = scaled_model("tiny-hybrid")
+    prompt = tokens_for(model, l=9)
+    greedy = nj.generate(model, prompt, max_new_tokens=5)
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(nj.generate(model, prompt, 5, temperature=1.0, top_k=1, key=key), greedy)
+    np.testing.assert_array_equal(nj.generate(model, prompt, 5, temperature=1.0, top_p=1e-6, key=key), greedy)
+    sampled = nj.generate(model, prompt, 5, temperature=5.0, key=key)
+    assert sampled.shape == greedy.shape
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    from nemojax.generate import sample_logits
+
+    probs = jnp.array([[0.5, 0.3, 0.15, 0.05]])
+    draws = jax.vmap(lambda k: sample_logits(jnp.log(probs), k, 1.0, top_p=0.75))(jax.random.split(jax.random.key(0), 2000))
+    counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 2000
+    # 0.5 < 0.75 <= 0.8: tokens 0 and 1 survive, renormalised to 0.625 / 0.375
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.04)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=1.0), "key"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_generate_rejects_bad_arguments(bad, needle):
+    model = nj.HybridLM(nj.presets.get("tiny-hybrid"), rngs=nnx.Rngs(0))
+    kw = dict(max_new_tokens=3) | bad
+    with pytest.raises(ValueError, match=needle):
+        nj.generate(model, jnp.zeros((1, 4), jnp.int32), **kw)
+
+
+def test_mtp_depth_one_reads_hidden_state_and_next_token():
+    model = scaled_model("tiny-latent-mtp")
+    tokens = tokens_for(model, l=12)
+    (mtp,) = model.mtp_logits(tokens)
+    assert mtp.shape == (2, 12, model.cfg.vocab_size)
+    # causality: depth-1 logits at t see tokens <= t+1 only
+    t = 5
+    changed = tokens.at[:, t + 2:].set((tokens[:, t + 2:] + 1) % model.cfg.vocab_size)
+    np.testing.assert_allclose(model.mtp_logits(changed)[0][:, :t + 1], mtp[:, :t + 1], rtol=1e-6, atol=1e-6)
+    # and it does depend on token t+1
+    poked = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % model.cfg.vocab_size)
+    assert rel_err(model.mtp_logits(poked)[0][:, t], mtp[:, t]) > 1e-3
+
+
+def test_bad_tokens_are_rejected():
+    model = nj.HybridLM(nj.presets.get("tiny-hybrid"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="tokens must be an integer array"):
+        model(jnp.zeros((4,), jnp.int32))
