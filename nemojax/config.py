@@ -235,6 +235,11 @@ def _pattern_to_symbols(hf: dict[str, Any], list_key: str, pattern_key: str) -> 
     return pattern
 
 
+def _as_float(v) -> float:
+    """transformers writes non-finite floats into config.json as {"__float__": "Infinity"}."""
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)
+
+
 def _from_hf(hf_in: dict[str, Any]) -> ModelConfig:
     hf = dict(hf_in)
     for new, old in _HF_LEGACY.items():
@@ -260,7 +265,7 @@ def _from_hf(hf_in: dict[str, Any]) -> ModelConfig:
 
     hidden = hf.get("hidden_size", 4096)
     num_heads = hf.get("num_attention_heads", 32)
-    time_step_limit = tuple(float(v) for v in hf.get("time_step_limit", (0.0, INF)))
+    time_step_limit = tuple(_as_float(v) for v in hf.get("time_step_limit", (0.0, INF)))
     share_experts = hf.get("n_shared_experts", 1)
     spec_of = {
         "M": MambaSpec(
