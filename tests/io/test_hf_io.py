@@ -1,6 +1,8 @@
 """Checkpoint I/O without torch: round trips, the NVIDIA hub layout, and clear errors."""
 
 import json
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,9 @@ from safetensors.flax import load_file, save_file
 
 import nemojax as nj
 from nemojax.io.hf import INDEX_NAME, checkpoint_entries
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "fixtures"))
+from make_golden import to_hub_layout as hub_layout  # noqa: E402
 
 
 def saved(tmp_path, name="tiny-latent-mtp"):
@@ -49,25 +54,11 @@ def test_bf16_load_casts_parameters_but_keeps_router_bias_fp32(tmp_path):
 
 
 def to_hub_layout(src, dst):
-    """Rewrite a transformers-layout checkpoint the way NVIDIA ships it: `backbone.` prefix,
-    `embedding.weight`, per-expert tensors, two shards with an index."""
-    tensors = load_file(src / "model.safetensors")
-    hub = {}
-    for name, t in tensors.items():
-        name = name.replace("model.", "backbone.", 1).replace("backbone.embeddings.", "backbone.embedding.")
-        if name.endswith(("experts.up_proj", "experts.down_proj")):
-            stem, proj = name.rsplit(".", 1)
-            for j in range(t.shape[0]):
-                hub[f"{stem}.{j}.{proj}.weight"] = t[j]
-        else:
-            hub[name] = t
+    shards, weight_map = hub_layout(load_file(src / "model.safetensors"))
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())
-    names = sorted(hub)
-    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}  # experts straddle shards
-    for file, keys in shards.items():
-        save_file({k: hub[k] for k in keys}, dst / file, metadata={"format": "pt"})
-    weight_map = {k: f for f, ks in shards.items() for k in ks}
+    for file, part in shards.items():
+        save_file(part, dst / file, metadata={"format": "pt"})
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
