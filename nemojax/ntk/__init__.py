@@ -1,11 +1,13 @@
-"""Neural tangent kernel spectral toolkit (analytic kernels and their spectra on the sphere)."""
+"""Neural tangent kernel toolkit: analytic kernels, their spectra on the sphere, residual-block
+replacements, empirical NTKs and kernel-regime training dynamics."""
 
+from nemojax.ntk.dynamics import (empirical_ntk, empirical_ntk_nnx, gd_residuals, iterations_to_fit, msk,
+                                  pgd_preconditioner)
 from nemojax.ntk.kernels import (fc_nngp, fc_nngp_dot, fc_ntk, fc_ntk_dot, gamma_exponential, kappa0, kappa1,
                                  laplace)
+from nemojax.ntk.resnet import resnet_nngp, resnet_ntk
 from nemojax.ntk.spectra import gegenbauer, multiplicity, zonal_spectrum
 
-__all__ = ["fc_nngp", "fc_nngp_dot", "fc_ntk", "fc_ntk_dot", "gamma_exponential", "gegenbauer", "kappa0",
-           "kappa1", "laplace", "multiplicity", "zonal_spectrum"]
-from nemojax.ntk.resnet import resnet_nngp, resnet_ntk  # noqa: E402
-
-__all__ += ["resnet_nngp", "resnet_ntk"]
+__all__ = ["empirical_ntk", "empirical_ntk_nnx", "fc_nngp", "fc_nngp_dot", "fc_ntk", "fc_ntk_dot",
+           "gamma_exponential", "gd_residuals", "gegenbauer", "iterations_to_fit", "kappa0", "kappa1", "laplace",
+           "msk", "multiplicity", "pgd_preconditioner", "resnet_nngp", "resnet_ntk", "zonal_spectrum"]
