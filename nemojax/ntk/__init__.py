@@ -5,9 +5,11 @@ from nemojax.ntk.dynamics import (empirical_ntk, empirical_ntk_nnx, gd_residuals
                                   pgd_preconditioner)
 from nemojax.ntk.kernels import (fc_nngp, fc_nngp_dot, fc_ntk, fc_ntk_dot, gamma_exponential, kappa0, kappa1,
                                  laplace)
+from nemojax.ntk.replacement import candidate_replacements, replacement_effects, resnet_ntk_dot
 from nemojax.ntk.resnet import resnet_nngp, resnet_ntk
 from nemojax.ntk.spectra import gegenbauer, multiplicity, zonal_spectrum
 
 __all__ = ["empirical_ntk", "empirical_ntk_nnx", "fc_nngp", "fc_nngp_dot", "fc_ntk", "fc_ntk_dot",
            "gamma_exponential", "gd_residuals", "gegenbauer", "iterations_to_fit", "kappa0", "kappa1", "laplace",
-           "msk", "multiplicity", "pgd_preconditioner", "resnet_nngp", "resnet_ntk", "zonal_spectrum"]
+           "msk", "multiplicity", "pgd_preconditioner", "candidate_replacements", "replacement_effects",
+           "resnet_nngp", "resnet_ntk", "resnet_ntk_dot", "zonal_spectrum"]
