@@ -1,0 +1,1 @@
+"""Training: losses, AdamW with schedules and decay masks, the resumable training loop."""
