@@ -1,0 +1,187 @@
+"""Device mesh and partition rules for HybridLM training (MaxText / levanter conventions).
+
+Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism whose members also split the
+weights, ZeRO-3 style: the compiler all-gathers a weight before use and reduce-scatters its
+gradient) and "expert" (expert parallelism: routed experts are split over it; outside the MoE
+layers it is one more data axis, so the batch is split over all three).
+
+Partition rules, per parameter (first match on its "/"-joined path wins, see `RULES`):
+
+- routed experts `mixer/up_proj` [E, Din, F], `mixer/down_proj` [E, F, Din]: E over "expert"
+  (num_experts must divide), the larger of the two other dims that "fsdp" divides over "fsdp";
+- matrices (`embeddings`, `lm_head`, every `Linear` kernel, the router `gate_weight`): the largest
+  dim that "fsdp" divides over "fsdp"; replicated when "fsdp" divides none (`sharding_plan` says
+  which);
+- replicated: vectors (norms, Mamba A_log / D / dt_bias / norm_weight, biases, the router's
+  correction bias) and the depthwise conv filter [K, C] (K = 4 taps: as small as a bias). Every
+  device reads them whole at every step; splitting would only add collectives.
+
+A path that no rule matches raises, so a new parameter cannot be replicated silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert")
+# The batch is split over every axis: outside the MoE layers the expert axis is data parallel too.
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# (pattern searched in the "/"-joined path, kind). Kinds: "expert" [E, a, b], "fsdp" [a, b], "replicated".
+RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|/)e_score_correction_bias$", "replicated"),
+    (r"(^|/)mixer/(up_proj|down_proj)$", "expert"),
+    (r"(^|/)(embeddings|lm_head|kernel|gate_weight)$", "fsdp"),
+    (r"(^|/)(bias|conv_bias|conv_weight|A_log|D|dt_bias|norm_weight)$", "replicated"),
+    (r"norm[^/]*/weight$", "replicated"),
+)
+_NDIM = {"expert": 3, "fsdp": 2}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "expert") mesh over `devices` (default: all). One size may be -1: the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert}
+    for name, n in sizes.items():
+        if not isinstance(n, int) or (n < 1 and n != -1):
+            raise ValueError(f"make_mesh: {name} must be a positive int or -1 (the remaining devices); got {n!r}")
+    free = [name for name, n in sizes.items() if n == -1]
+    if len(free) > 1:
+        raise ValueError(f"make_mesh: only one axis may be -1; got -1 for {', '.join(free)}")
+    fixed = math.prod(n for n in sizes.values() if n != -1)
+    desc = " * ".join(f"{k}={v}" for k, v in sizes.items() if v != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(f"make_mesh: {desc} = {fixed} does not divide the {len(devices)} devices, so "
+                             f"{free[0]}=-1 has no size")
+        sizes[free[0]] = len(devices) // fixed
+    elif fixed != len(devices):
+        raise ValueError(f"make_mesh: {desc} = {fixed} must equal the number of devices ({len(devices)})")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dim over every mesh axis, the rest replicated; any rank, usable as a tree prefix."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# ------------------------------------------------------------------------------------------ rules
+def _path_str(path) -> str:
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return "/".join(names)
+
+
+def _fsdp_dim(shape, dims, n: int):
+    """The largest of `dims` that n divides (lowest index on ties), or None."""
+    fits = [d for d in dims if shape[d] % n == 0]
+    return max(fits, key=lambda d: (shape[d], -d)) if fits else None
+
+
+def _plan_one(path: str, shape, kind: str, mesh_shape) -> tuple[P, str]:
+    if kind == "replicated":
+        return P(), "replicated: small"
+    spec = [None] * len(shape)
+    if len(shape) != _NDIM[kind]:
+        raise ValueError(f"partition rules: {path} has shape {shape}; rule kind {kind!r} expects "
+                         f"{_NDIM[kind]} dims")
+    reason = kind
+    n_exp = mesh_shape.get("expert", 1)
+    if kind == "expert" and n_exp > 1:
+        if shape[0] % n_exp:
+            raise ValueError(f"partition rules: {path} has num_experts={shape[0]}, not divisible by the mesh's "
+                             f"expert={n_exp}")
+        spec[0] = "expert"
+    n_fsdp = mesh_shape.get("fsdp", 1)
+    if n_fsdp > 1:
+        d = _fsdp_dim(shape, range(1 if kind == "expert" else 0, len(shape)), n_fsdp)
+        if d is None:
+            reason = f"{kind}: replicated over fsdp ({shape} has no dim divisible by fsdp={n_fsdp})"
+        else:
+            spec[d] = "fsdp"
+    return P(*spec), reason
+
+
+def _rule_kind(path: str, var) -> str:
+    if isinstance(var, nnx.Intermediate):  # sown step statistics (router loads, aux losses): small
+        return "replicated"
+    for pattern, kind in RULES:
+        if re.search(pattern, path):
+            return kind
+    raise ValueError(f"partition rules: no rule matches parameter {path!r} ({type(var).__name__}, shape "
+                     f"{np.shape(var.get_value())}); add one to nemojax.train.sharding.RULES")
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _map_vars(fn, state):
+    """fn(path_str, variable) -> leaf for every Variable of an nnx.State; the result mirrors `state`'s
+    structure exactly (each Variable keeps its node, with the leaf inside), so it serves as jit
+    in/out_shardings, as the `device` of jax.device_put, and for optimizer states built from it."""
+    def one(path, var):
+        if not _is_var(var):
+            raise ValueError(f"partition rules: expected an nnx.State of Variables; {_path_str(path)!r} holds "
+                             f"a {type(var).__name__}")
+        leaf = fn(_path_str(path), var)
+        return jax.tree.map(lambda _: leaf, var)
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+def sharding_plan(state, mesh) -> dict[str, tuple[P, str]]:
+    """path -> (PartitionSpec, why) for every Variable of `state` (params, or the non-Param rest)."""
+    mesh_shape = dict(mesh.shape)
+    plan = {}
+
+    def one(path, var):
+        plan[path] = _plan_one(path, np.shape(var.get_value()), _rule_kind(path, var), mesh_shape)
+    _map_vars(one, state)
+    return plan
+
+
+def param_specs(state, mesh):
+    """A PartitionSpec for every Variable of `state`, in `state`'s own tree structure.
+
+    `mesh` may be a Mesh or an AbstractMesh (only the axis sizes are read).
+    """
+    mesh_shape = dict(mesh.shape)
+    return _map_vars(lambda path, var: _plan_one(path, np.shape(var.get_value()), _rule_kind(path, var),
+                                                 mesh_shape)[0], state)
+
+
+def to_shardings(specs, mesh: Mesh):
+    """PartitionSpec leaves -> NamedSharding leaves."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(state, mesh: Mesh):
+    return to_shardings(param_specs(state, mesh), mesh)
+
+
+def shard_state(tree, mesh: Mesh, specs=None):
+    """jax.device_put of `tree` by `specs` (default: `param_specs(tree, mesh)`, for an nnx.State)."""
+    return jax.device_put(tree, to_shardings(param_specs(tree, mesh) if specs is None else specs, mesh))
+
+
+def opt_state_specs(tx, opt_state, specs):
+    """Specs for an optax state: each params-shaped part (Adam's mu, nu, ...) gets the params' `specs`,
+    everything else (step counts, scalars) is replicated. `tx` is the optax transformation that built
+    `opt_state` (optax.tree_map_params needs it to tell params-shaped parts from the rest)."""
+    return optax.tree_map_params(tx, lambda _, spec: spec, opt_state, specs,
+                                 transform_non_params=lambda _: P(),
+                                 is_leaf=lambda x: isinstance(x, P))
