@@ -69,8 +69,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, devices=None) -> M
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dim over every mesh axis, the rest replicated; any rank, usable as a tree prefix."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) dim over the mesh's `BATCH_AXES`, the rest replicated; fits arrays of any rank
+    and serves as a tree prefix for a whole batch dict."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -94,12 +95,11 @@ def _fsdp_dim(shape, dims, n: int):
 
 def _plan_one(path: str, shape, kind: str, mesh_shape) -> tuple[P, str]:
     if kind == "replicated":
-        return P(), "replicated: small"
-    spec = [None] * len(shape)
+        return P(), "replicated: vector, conv filter or step statistic"
     if len(shape) != _NDIM[kind]:
         raise ValueError(f"partition rules: {path} has shape {shape}; rule kind {kind!r} expects "
                          f"{_NDIM[kind]} dims")
-    reason = kind
+    spec, reason = [None] * len(shape), kind
     n_exp = mesh_shape.get("expert", 1)
     if kind == "expert" and n_exp > 1:
         if shape[0] % n_exp:
@@ -126,42 +126,34 @@ def _rule_kind(path: str, var) -> str:
                      f"{np.shape(var.get_value())}); add one to nemojax.train.sharding.RULES")
 
 
+def _plan_var(path: str, var, mesh) -> tuple[P, str]:
+    return _plan_one(path, np.shape(var.get_value()), _rule_kind(path, var), dict(mesh.shape))
+
+
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _map_vars(fn, state):
-    """fn(path_str, variable) -> leaf for every Variable of an nnx.State; the result mirrors `state`'s
-    structure exactly (each Variable keeps its node, with the leaf inside), so it serves as jit
-    in/out_shardings, as the `device` of jax.device_put, and for optimizer states built from it."""
+def sharding_plan(state, mesh) -> dict[str, tuple[P, str]]:
+    """"/"-joined path -> (PartitionSpec, why) for every Variable of an nnx.State (params or the rest)."""
+    return {"/".join(map(str, path)): _plan_var("/".join(map(str, path)), var, mesh)
+            for path, var in nnx.to_flat_state(state)}
+
+
+def param_specs(state, mesh):
+    """A PartitionSpec for every Variable of an nnx.State, in the state's own tree structure (each
+    Variable node kept, the spec as its leaf), so the result serves as jit in/out_shardings, as
+    jax.device_put's target, and as the params tree of `opt_state_specs`.
+
+    `mesh` may be a Mesh or an AbstractMesh (only the axis sizes are read).
+    """
     def one(path, var):
         if not _is_var(var):
             raise ValueError(f"partition rules: expected an nnx.State of Variables; {_path_str(path)!r} holds "
                              f"a {type(var).__name__}")
-        leaf = fn(_path_str(path), var)
-        return jax.tree.map(lambda _: leaf, var)
+        spec = _plan_var(_path_str(path), var, mesh)[0]
+        return jax.tree.map(lambda _: spec, var)
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
-
-
-def sharding_plan(state, mesh) -> dict[str, tuple[P, str]]:
-    """path -> (PartitionSpec, why) for every Variable of `state` (params, or the non-Param rest)."""
-    mesh_shape = dict(mesh.shape)
-    plan = {}
-
-    def one(path, var):
-        plan[path] = _plan_one(path, np.shape(var.get_value()), _rule_kind(path, var), mesh_shape)
-    _map_vars(one, state)
-    return plan
-
-
-def param_specs(state, mesh):
-    """A PartitionSpec for every Variable of `state`, in `state`'s own tree structure.
-
-    `mesh` may be a Mesh or an AbstractMesh (only the axis sizes are read).
-    """
-    mesh_shape = dict(mesh.shape)
-    return _map_vars(lambda path, var: _plan_one(path, np.shape(var.get_value()), _rule_kind(path, var),
-                                                 mesh_shape)[0], state)
 
 
 def to_shardings(specs, mesh: Mesh):
