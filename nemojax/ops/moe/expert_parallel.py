@@ -67,8 +67,12 @@ def _local_moe(x, weights, indices, w_up, w_down, *, axis: str, n: int, capacity
 
     by_expert = jnp.argsort(recv_e, stable=True)
     group_sizes = jnp.bincount(recv_e, length=e_local).astype(jnp.int32)
-    h = relu2(jax.lax.ragged_dot(recv_x[by_expert], w_up, group_sizes, preferred_element_type=jnp.float32))
-    ys = jax.lax.ragged_dot(h.astype(x.dtype), w_down, group_sizes, preferred_element_type=jnp.float32)
+    # ragged_dot leaves the rows past the last group unspecified; zero them before relu2 and after the
+    # down projection so that no backend's leftovers (or their gradients) reach a kept row.
+    filled = (jnp.arange(n * c) < jnp.sum(group_sizes))[:, None]
+    pre = jax.lax.ragged_dot(recv_x[by_expert], w_up, group_sizes, preferred_element_type=jnp.float32)
+    h = relu2(jnp.where(filled, pre, 0.0)).astype(x.dtype)
+    ys = jnp.where(filled, jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
     # Results travel back in x's dtype (half the traffic under bf16); they are rounded once, before the sum.
     out = jnp.zeros((n * c, d), x.dtype).at[by_expert].set(ys.astype(x.dtype))
     back = jax.lax.all_to_all(out, axis, 0, 0, tiled=True)
