@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import nemojax as nj  # noqa: E402
 import nemojax.nn.ffn as ffn_module  # noqa: E402
@@ -74,7 +75,7 @@ def step_check(problem, mesh_shape) -> dict:
     placed = shardings_match(params_s, p_shard) and shardings_match(rest_s, sh.param_shardings(rest, mesh))
     # The gradients are pinned to the parameters' layout (reduce-scatter under FSDP); left to itself
     # the partitioner may return them replicated.
-    step = jax.jit(vg, out_shardings=(sh.NamedSharding(mesh, sh.P()), p_shard))
+    step = jax.jit(vg, out_shardings=(NamedSharding(mesh, P()), p_shard))
     loss, grads = step(params_s, rest_s, batch_s)
 
     tx = optax.adamw(1e-3, weight_decay=0.1)
