@@ -13,55 +13,56 @@ import jax.numpy as jnp
 f32 = jnp.float32
 
 
-def _heads_by_group(t, g):
-    """[..., H, ...] -> [..., G, H/G, ...] on the head axis (axis 2 for [b, l, h, ...])."""
-    return t.reshape(*t.shape[:2], g, t.shape[2] // g, *t.shape[3:])
-
-
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """Chunked SSD: intra-chunk masked "attention", chunk states, a recurrence over chunks,
     state -> output. Any length: the tail is padded with dt = 0, which leaves the state as is."""
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
+    r = h // g
     q = chunk_size
     pad = (-l) % q
-    padded = [jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C)]
     nc = (l + pad) // q
-    xc, dtc, Bc, Cc = (t.reshape(b, nc, q, *t.shape[2:]) for t in padded)
-    xg = xc.reshape(b, nc, q, g, h // g, p)  # [b, c, Q, g, r, p]
-    dtg = dtc.reshape(b, nc, q, g, h // g)  # [b, c, Q, g, r]
-    dA = dtg * A.astype(f32).reshape(g, h // g)
-    cs = jnp.cumsum(dA, axis=2)  # fp32 cumsum of dt*A within each chunk
-    # Every contraction below has two operands, so each is one batched matmul; with three or more,
-    # XLA may multiply out a [b, c, Q, g, r, p, n]-sized intermediate first (10x slower on CPU).
+
+    def chunked(t):  # [b, l, ...] -> fp32 [b, c, Q, ...]
+        t = jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+        return t.reshape(b, nc, q, *t.shape[2:])
+
+    # Head-major layouts ([b, c, g, r, Q, ...]) make every contraction below one batched matmul
+    # over leading axes. Each contraction has two operands: with three, XLA may multiply out a
+    # [b, c, Q, g, r, p, n]-sized intermediate first.
+    xh = chunked(x).reshape(b, nc, q, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # [b, c, g, r, Q, p]
+    dth = chunked(dt).reshape(b, nc, q, g, r).transpose(0, 1, 3, 4, 2)  # [b, c, g, r, Q]
+    Bg = chunked(B).transpose(0, 1, 3, 2, 4)  # [b, c, g, Q, n]
+    Cg = chunked(C).transpose(0, 1, 3, 2, 4)
+    causal = jnp.tril(jnp.ones((q, q), bool))
+    # fp32 cumsum of dt*A within each chunk, as a product with the lower-triangular ones: XLA's
+    # cumsum (a reduce-window) is recomputed inside every fusion that reads it, per [Q, Q] element.
+    cs = jnp.einsum("bcgrj,ij->bcgri", dth * A.astype(f32).reshape(g, r, 1), causal.astype(f32),
+                    precision=jax.lax.Precision.HIGHEST)
 
     # 1. intra-chunk: y_i += sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j, one [Q, Q] map per head
-    cs_h = jnp.moveaxis(cs, 2, -1)  # [b, c, g, r, Q]
-    causal = jnp.tril(jnp.ones((q, q), bool))
-    seg = cs_h[..., :, None] - cs_h[..., None, :]  # [b, c, g, r, i, j]
-    decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))  # mask before exp: no inf * 0 in gradients
-    cb = jnp.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # shared by the heads of a group
-    scores = cb[:, :, :, None] * decay * jnp.moveaxis(dtg, 2, -1)[..., None, :]
-    y = jnp.einsum("bcgrij,bcjgrp->bcigrp", scores, xg)
+    decay = jnp.exp(jnp.where(causal, cs[..., :, None] - cs[..., None, :], -jnp.inf))  # mask before exp: no inf * 0 in gradients
+    cb = jnp.einsum("bcgin,bcgjn->bcgij", Cg, Bg)  # shared by the heads of a group
+    y = jnp.einsum("bcgrij,bcgrjp->bcgrip", cb[:, :, :, None] * decay * dth[..., None, :], xh)
 
     # 2. state contributed by each chunk, decayed to the chunk's end
-    to_end = jnp.exp(cs[:, :, -1:] - cs) * dtg
-    chunk_states = jnp.einsum("bcjgn,bcjgrp->bcgrpn", Bc, xg * to_end[..., None])
+    to_end = jnp.exp(cs[..., -1:] - cs) * dth
+    chunk_states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bg, xh * to_end[..., None])
 
     # 3. recurrence over chunks: the state entering each chunk
-    s0 = (jnp.zeros((b, g, h // g, p, n), f32) if initial_state is None
-          else initial_state.astype(f32).reshape(b, g, h // g, p, n))
+    s0 = (jnp.zeros((b, g, r, p, n), f32) if initial_state is None
+          else initial_state.astype(f32).reshape(b, g, r, p, n))
 
     def step(s, inputs):
         chunk_decay, new = inputs
         return jnp.exp(chunk_decay)[..., None, None] * s + new, s
 
-    final, entering = jax.lax.scan(step, s0, (jnp.moveaxis(cs[:, :, -1], 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    final, entering = jax.lax.scan(step, s0, (jnp.moveaxis(cs[..., -1], 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
     entering = jnp.moveaxis(entering, 0, 1)  # [b, c, g, r, p, n]
 
     # 4. entering state -> outputs
-    y = y + jnp.einsum("bcign,bcgrpn->bcigrp", Cc, entering) * jnp.exp(cs)[..., None]
-    y = y.reshape(b, nc * q, h, p)[:, :l]
+    y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cg, entering) * jnp.exp(cs)[..., None]
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :l]
     if D is not None:
         y = y + D.astype(f32)[:, None] * x.astype(f32)
     return y, final.reshape(b, h, p, n)
