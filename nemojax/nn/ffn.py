@@ -9,7 +9,7 @@ from flax import nnx
 from nemojax.config import MLPSpec, MoESpec
 from nemojax.nn.layers import Linear, RouterBias
 from nemojax.ops.ffn import relu2_ffn
-from nemojax.ops.moe import moe_ffn, route
+from nemojax.ops.moe import moe_ffn, route, router_z_loss, seq_aux_loss, update_correction_bias
 
 
 class MLP(nnx.Module):
@@ -39,6 +39,8 @@ class MoE(nnx.Module):
     def __init__(self, spec: MoESpec, hidden: int, *, out_std: float, dtype, rngs: nnx.Rngs,
                  implementation: str | None = None):
         self.spec, self.implementation = spec, implementation
+        self.capacity_factor: float | None = None  # None: dropless
+        self.collect_stats = False  # training: sow per-layer routing stats (see `pop_moe_stats`)
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
         self.gate_weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (hidden, e), dtype))
@@ -58,13 +60,57 @@ class MoE(nnx.Module):
     def __call__(self, x, cache=None):
         s = self.spec
         x_TD = x.reshape(-1, x.shape[-1])
-        weights, indices = route(self.router_logits(x_TD), self.e_score_correction_bias[...], top_k=s.top_k,
+        logits = self.router_logits(x_TD)
+        weights, indices = route(logits, self.e_score_correction_bias[...], top_k=s.top_k,
                                  n_group=s.n_group, topk_group=s.topk_group, norm_topk_prob=s.norm_topk_prob,
                                  routed_scaling_factor=s.routed_scaling_factor)
         h = x_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(x_TD)
-        y = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...], implementation=self.implementation)
+        y, stats = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...],
+                           implementation=self.implementation, capacity_factor=self.capacity_factor,
+                           return_stats=True)
+        if self.collect_stats:
+            batch_shape = x.shape[:-1] if x.ndim == 3 else (1, x_TD.shape[0])
+            stats["aux_loss"] = seq_aux_loss(logits.reshape(*batch_shape, -1), indices.reshape(*batch_shape, -1),
+                                             s.top_k)
+            stats["z_loss"] = router_z_loss(logits)
+            self.sow(nnx.Intermediate, "moe_stats", stats)
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)[0]
         return y.reshape(x.shape), cache
+
+
+def _moe_modules(model: nnx.Module):
+    for path, m in model.iter_modules():
+        if isinstance(m, MoE):
+            yield ".".join(map(str, path)), m
+
+
+def configure_moe(model: nnx.Module, *, implementation: str | None = None, capacity_factor: float | None = None,
+                  collect_stats: bool | None = None) -> None:
+    """Sets the dispatch implementation, capacity factor and stats collection of every MoE layer
+    (main layers and MTP); `collect_stats=None` leaves it as it is."""
+    for _, m in _moe_modules(model):
+        m.implementation, m.capacity_factor = implementation, capacity_factor
+        if collect_stats is not None:
+            m.collect_stats = collect_stats
+
+
+def pop_moe_stats(model: nnx.Module) -> dict[str, dict]:
+    """{"layers.1.mixer": {"load", "dropped_fraction", "aux_loss", "z_loss"}, ...} of the last forward
+    pass of layers that collect stats, removed from the model (so they never reach a checkpoint)."""
+    out = {}
+    for path, m in _moe_modules(model):
+        if hasattr(m, "moe_stats"):
+            out[path] = m.moe_stats.get_value()[-1]
+            del m.moe_stats
+    return out
+
+
+def update_router_biases(model: nnx.Module, stats: dict[str, dict], rate: float) -> None:
+    """Aux-loss-free balancing, in place: each layer's correction bias += rate * sign(mean load - load)."""
+    for path, m in _moe_modules(model):
+        if path in stats:
+            m.e_score_correction_bias[...] = update_correction_bias(m.e_score_correction_bias[...],
+                                                                    stats[path]["load"], rate)
