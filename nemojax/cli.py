@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
+import typing
 
 from nemojax import config as cfg_mod
 
@@ -32,6 +35,90 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _parse_options(items: list[str]) -> dict:
+    """KEY=VALUE pairs; values that parse as int or float become numbers."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--data-options: expected KEY=VALUE, got {item!r}")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+def _add_dataclass_args(parser, cls) -> None:
+    """One --flag per field of the dataclass, typed from its annotations, help from field metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get("help", "") + f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif kind is dict:
+            parser.add_argument(flag, nargs="*", default=[], metavar="KEY=VALUE", help=help_)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(flag, type=base, default=default, metavar=base.__name__.upper(), help=help_)
+
+
+def cmd_train(args) -> int:
+    from nemojax.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["data_options"] = _parse_options(values["data_options"])
+    tc = TrainConfig(**values)
+    s = train(tc)
+    print(f"\nrun directory  {tc.out_dir}  (checkpoints/, metrics.jsonl, loss.png, summary.json)")
+    if s.get("interrupted"):
+        print(f"interrupted by {s['interrupted']} at step {s['step']}: checkpoint saved; run the same command "
+              "again to resume")
+        return 130
+    if "final_eval" not in s:
+        print(f"stopped at step {s['step']} of {tc.steps}")
+        return 0
+    a, b = s["initial_eval"], s["final_eval"]
+    print(f"held-out loss  untrained {a['ce']:.3f} -> trained {b['ce']:.3f} nats/token "
+          f"(perplexity {math.exp(a['ce']):.1f} -> {math.exp(b['ce']):.2f}); "
+          f"accuracy {a['accuracy']:.3f} -> {b['accuracy']:.3f}")
+    print(f"sample ({tc.data}):\n{s['sample']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from nemojax.train.trainer import evaluate, load_run, make_dataset, make_eval_step
+
+    tc, model, record = load_run(args.checkpoint, args.step)
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ds = make_dataset(tc, args.split)
+    ev = evaluate(make_eval_step(graphdef, tc), {"params": params, "rest": rest}, ds, args.batches)
+    print(f"step {record['step']}  {tc.data} ({args.split}, {args.batches} x {tc.batch_size} x {tc.seq_len})  "
+          f"loss {ev['ce']:.4f} nats/token  perplexity {math.exp(ev['ce']):.2f}  accuracy {ev['accuracy']:.4f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from nemojax.train.trainer import load_run, make_dataset, sample_text
+
+    tc, model, _ = load_run(args.checkpoint)
+    ds = make_dataset(tc)
+    if ds.tokenizer is None:
+        raise SystemExit(f"--checkpoint {args.checkpoint} was trained on the synthetic task {tc.data!r}, which has "
+                         "no text tokenizer; use `nemojax eval` for it")
+    print(args.prompt + sample_text(model, ds, args.prompt, args.max_new_tokens, args.seed,
+                                    temperature=args.temperature, top_k=args.top_k))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nemojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,8 +126,34 @@ def main(argv=None) -> int:
     p.add_argument("preset", nargs="?", default=DEFAULT_PRESET, choices=cfg_mod.names(), metavar="PRESET",
                    help=f"one of: {', '.join(cfg_mod.names())} (default {DEFAULT_PRESET})")
     p.set_defaults(func=cmd_info)
+
+    from nemojax.train.config import TrainConfig
+
+    p = sub.add_parser("train", help="train a preset on a dataset (resumes from --out-dir's latest checkpoint)")
+    _add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="held-out loss, perplexity and accuracy of a training run's checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `nemojax train`")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--split", default="validation", choices=("train", "validation"))
+    p.add_argument("--batches", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a text prompt with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `nemojax train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"nemojax {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""The training run's configuration: one frozen, typed dataclass that the CLI is generated from and
+that is saved beside every checkpoint (so `nemojax eval/generate` rebuild the same model and data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model and data
+    preset: str = field(default="tiny-hybrid", metadata={"help": "model preset (see `nemojax info`)"})
+    data: str = field(default="text", metadata={"help": "dataset: text (built-in corpus), file, mqar, induction, "
+                                                        "selective_copy"})
+    data_path: str | None = field(default=None, metadata={"help": "a .txt or .jsonl file, for --data file"})
+    data_options: dict = field(default_factory=dict, metadata={
+        "help": "extra dataset options as KEY=VALUE, e.g. num_kv_pairs=8 (repeatable)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    # optimisation
+    steps: int = field(default=300, metadata={"help": "total optimizer steps (the schedule's length)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor, as a fraction of lr"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (not on norms, biases, A_log, D, dt_bias)"})
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clipping (0: off)"})
+    compute_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (fp32 master weights)"})
+    seed: int = 0
+    # MoE and MTP
+    moe_implementation: str | None = field(default=None, metadata={"help": "dense, ragged or batched (default: "
+                                                                           "fastest for the backend)"})
+    capacity_factor: float | None = field(default=None, metadata={"help": "expert capacity factor (default dropless)"})
+    router_bias_rate: float = field(default=1e-3, metadata={"help": "aux-loss-free correction-bias update rate"})
+    moe_aux_loss_coef: float = field(default=1e-4, metadata={"help": "per-sequence load-balancing loss weight"})
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
+    mtp_lambda: float = field(default=0.3, metadata={"help": "MTP loss weight (divided by the MTP depth)"})
+    # bookkeeping
+    out_dir: str = field(default="runs/default", metadata={"help": "checkpoints, metrics.jsonl, loss.png"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in out_dir"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint interval in steps"})
+    eval_every: int = field(default=100, metadata={"help": "evaluation interval in steps"})
+    eval_batches: int = field(default=4, metadata={"help": "batches per evaluation"})
+    log_every: int = field(default=10, metadata={"help": "metrics interval in steps"})
+    sample_prompt: str = field(default="The ", metadata={"help": "prompt of the sample printed at the end"})
+    sample_tokens: int = field(default=160, metadata={"help": "tokens in that sample"})
+    mesh: str | None = field(default=None, metadata={"help": "device mesh, e.g. data=2,fsdp=2,expert=2 "
+                                                             "(default: all devices on data)"})
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}); got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless); got {self.capacity_factor}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        raw = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in raw.items() if k in known})

@@ -1,0 +1,40 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from nemojax.train.config import TrainConfig
+
+# Mamba's SSM parameters are not scale weights: decaying A_log, D or dt_bias towards 0 changes the
+# dynamics (A -> -1, no skip, dt -> softplus(0)) rather than regularising.
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+
+
+def path_names(path) -> list[str]:
+    """Key-path entries as strings, without the trailing `.value` of an nnx.Variable leaf."""
+    names = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
+    return names[:-1] if names and isinstance(path[-1], jax.tree_util.GetAttrKey) else names
+
+
+def decays(path) -> bool:
+    """Whether the parameter at this key path gets weight decay: not norms, biases or SSM parameters."""
+    names = path_names(path)
+    leaf = names[-1]
+    return not (leaf in NO_DECAY_NAMES or leaf.endswith("bias") or any("norm" in n for n in names[-2:]))
+
+
+def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw

@@ -1,0 +1,134 @@
+"""The training loop: bit-exact resume after an interruption, the weight-decay mask, bf16 compute
+against fp32, and the CLI end to end (train -> eval -> generate)."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemojax as nj
+from nemojax.cli import main
+from nemojax.train import TrainConfig, trainer
+from nemojax.train.optimizer import decays, path_names
+
+
+def tiny_config(tmp_path, name, **kw):
+    base = dict(preset="tiny-latent-mtp", data="text", seq_len=32, batch_size=2, steps=6, warmup_steps=2,
+                save_every=3, eval_every=3, eval_batches=1, log_every=1, sample_tokens=8,
+                out_dir=str(tmp_path / name), router_z_loss_coef=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _leaves(state):
+    return jax.tree.leaves(jax.tree.map(np.asarray, state))
+
+
+def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, "straight")
+    s1 = trainer.train(straight, quiet=True)
+    assert s1["step"] == 6 and s1["interrupted"] is None
+
+    make = trainer.make_dataset
+
+    class SignalAt:  # delivers SIGINT while the batch for step 3 (0-based 2) is being drawn
+        def __init__(self, ds):
+            self.ds, self.vocab_size, self.tokenizer = ds, ds.vocab_size, ds.tokenizer
+
+        def batch(self, step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.ds.batch(step)
+
+    monkeypatch.setattr(trainer, "make_dataset", lambda tc, split="train": (
+        SignalAt(make(tc)) if split == "train" else make(tc, split)))
+    resumed = tiny_config(tmp_path, "resumed")
+    s2 = trainer.train(resumed, quiet=True)
+    assert s2["interrupted"] == "SIGINT" and s2["step"] == 3  # the step in flight completes, then saves
+    monkeypatch.setattr(trainer, "make_dataset", make)
+    s3 = trainer.train(resumed, quiet=True)
+    assert s3["step"] == 6
+
+    _, m1, r1 = trainer.load_run(straight.out_dir)
+    _, m2, r2 = trainer.load_run(resumed.out_dir)
+    assert r1["data_position"] == r2["data_position"] == 6
+    for a, b in zip(_leaves(nnx.state(m1)), _leaves(nnx.state(m2)), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit, router biases included
+    bias = nnx.state(m1, nj.nn.layers.RouterBias)
+    assert any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(bias)), "router biases never moved"
+    # metrics are not duplicated by the resume and every step is logged once
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]  # step 0: the untrained model's eval
+    assert (tmp_path / "resumed" / "loss.png").stat().st_size > 0
+
+
+def test_refuses_to_overwrite_or_resume_a_different_run(tmp_path):
+    tc = tiny_config(tmp_path, "run", steps=3, preset="tiny-hybrid")
+    trainer.train(tc, quiet=True)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        trainer.train(tc.replace(resume=False), quiet=True)
+    with pytest.raises(ValueError, match="seq_len"):
+        trainer.train(tc.replace(seq_len=16), quiet=True)
+
+
+def test_weight_decay_mask():
+    model = nj.HybridLM(nj.presets.get("tiny-latent-mtp"), rngs=nnx.Rngs(0))
+    names = {".".join(path_names(path)): decays(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+    no_decay = {n for n, d in names.items() if not d}
+    expected = ({f"layers.0.mixer.{n}" for n in ("A_log", "D", "conv_bias", "dt_bias", "norm_weight")}
+                | {f"layers.{i}.norm.weight" for i in range(4)} | {f"mtp.0.blocks.{i}.norm.weight" for i in range(2)}
+                | {f"mtp.0.{n}.weight" for n in ("enorm", "hnorm", "final_layernorm")} | {"norm_f.weight"})
+    assert no_decay == expected
+    assert "layers.0.mixer.in_proj.kernel" not in no_decay and "embeddings" not in no_decay
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="compute_dtype"):
+        TrainConfig(compute_dtype="float16")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(steps=10, warmup_steps=10)
+
+
+def test_bf16_compute_tracks_fp32():
+    tc = TrainConfig(preset="tiny-moe", seq_len=32, batch_size=2)
+    model = trainer.build_model(tc, 256)
+    graphdef, _, state = trainer.init_state(tc, model)
+    batch = jax.tree.map(jnp.asarray, trainer.make_dataset(tc).batch(0))
+
+    def grads(dtype):
+        fn = jax.value_and_grad(lambda p: trainer.loss_and_metrics(
+            graphdef, tc.replace(compute_dtype=dtype), p, state["rest"], batch), has_aux=True)
+        (loss, _), g = fn(state["params"])
+        return float(loss), np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
+
+    l32, g32 = grads("float32")
+    l16, g16 = grads("bfloat16")
+    assert abs(l16 - l32) < 0.02 * l32
+    cos = g16 @ g32 / np.linalg.norm(g16) / np.linalg.norm(g32)
+    assert cos > 0.98
+    # master weights stay fp32: the gradient w.r.t. the fp32 params is fp32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+
+
+def test_cli_train_eval_generate(tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--preset", "tiny-hybrid", "--steps", "4", "--warmup-steps", "1", "--seq-len", "32",
+               "--batch-size", "2", "--eval-batches", "1", "--sample-tokens", "8", "--out-dir", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "sample" in text
+    for f in ("train_config.json", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (out / f).exists(), f
+    assert main(["eval", "--checkpoint", str(out), "--batches", "1"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    with pytest.raises(SystemExit):
+        main(["train", "--compute-dtype", "float16", "--out-dir", str(tmp_path / "bad")])
+    assert "compute_dtype" in capsys.readouterr().err
