@@ -9,7 +9,7 @@ from flax import nnx
 from nemojax.config import MLPSpec, MoESpec
 from nemojax.nn.layers import Linear, RouterBias
 from nemojax.ops.ffn import relu2_ffn
-from nemojax.ops.moe import moe_ffn, route, router_z_loss, seq_aux_loss, update_correction_bias
+from nemojax.ops.moe import IMPLEMENTATIONS, moe_ffn, route, router_z_loss, seq_aux_loss, update_correction_bias
 
 
 class MLP(nnx.Module):
@@ -40,7 +40,7 @@ class MoE(nnx.Module):
                  implementation: str | None = None):
         self.spec, self.implementation = spec, implementation
         self.capacity_factor: float | None = None  # None: dropless
-        self.collect_stats = False  # training: sow per-layer routing stats (see `pop_moe_stats`)
+        self.collect_stats = False  # training: record per-layer routing stats (see `pop_moe_stats`)
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
         self.gate_weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (hidden, e), dtype))
@@ -65,15 +65,19 @@ class MoE(nnx.Module):
                                  n_group=s.n_group, topk_group=s.topk_group, norm_topk_prob=s.norm_topk_prob,
                                  routed_scaling_factor=s.routed_scaling_factor)
         h = x_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(x_TD)
-        y, stats = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...],
-                           implementation=self.implementation, capacity_factor=self.capacity_factor,
-                           return_stats=True)
+        out = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...], implementation=self.implementation,
+                      capacity_factor=self.capacity_factor, return_stats=self.collect_stats)
         if self.collect_stats:
-            batch_shape = x.shape[:-1] if x.ndim == 3 else (1, x_TD.shape[0])
-            stats["aux_loss"] = seq_aux_loss(logits.reshape(*batch_shape, -1), indices.reshape(*batch_shape, -1),
-                                             s.top_k)
+            y, stats = out
+            seqs = x.shape[0] if x.ndim == 3 else 1  # [T, D] input: one sequence
+            stats["aux_loss"] = seq_aux_loss(logits.reshape(seqs, -1, logits.shape[-1]), s.top_k)
             stats["z_loss"] = router_z_loss(logits)
-            self.sow(nnx.Intermediate, "moe_stats", stats)
+            # What Module.sow does outside nnx.capture (deprecated there): append this call's stats to an
+            # Intermediate, which `pop_moe_stats` reads and deletes.
+            calls = self.moe_stats.get_value() if hasattr(self, "moe_stats") else ()
+            self.moe_stats = nnx.Intermediate(calls + (stats,))
+        else:
+            y = out
         if self.fc2_latent_proj is not None:
             y = self.fc2_latent_proj(y)
         if self.shared_experts is not None:
@@ -82,35 +86,47 @@ class MoE(nnx.Module):
 
 
 def _moe_modules(model: nnx.Module):
-    for path, m in model.iter_modules():
+    for path, m in nnx.iter_modules(model):
         if isinstance(m, MoE):
             yield ".".join(map(str, path)), m
 
 
 def configure_moe(model: nnx.Module, *, implementation: str | None = None, capacity_factor: float | None = None,
                   collect_stats: bool | None = None) -> None:
-    """Sets the dispatch implementation, capacity factor and stats collection of every MoE layer
-    (main layers and MTP); `collect_stats=None` leaves it as it is."""
+    """Sets the dispatch `implementation` (see `moe_ffn`), `capacity_factor` (None: dropless) and,
+    unless `collect_stats` is None, stats collection of every MoE layer (main layers and MTP).
+
+    Collect stats for training only: sowing mutates the module, which generation's decode loop (a
+    `lax.scan` over a model merged outside it) does not allow, so turn it off before `generate`."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"configure_moe: implementation must be one of {IMPLEMENTATIONS} or None; "
+                         f"got {implementation!r}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"configure_moe: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
     for _, m in _moe_modules(model):
         m.implementation, m.capacity_factor = implementation, capacity_factor
         if collect_stats is not None:
             m.collect_stats = collect_stats
 
 
-def pop_moe_stats(model: nnx.Module) -> dict[str, dict]:
-    """{"layers.1.mixer": {"load", "dropped_fraction", "aux_loss", "z_loss"}, ...} of the last forward
-    pass of layers that collect stats, removed from the model (so they never reach a checkpoint)."""
+def pop_moe_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
+    """{"layers.1.mixer": {"counts" [E], "load" [E], "dropped_fraction", "aux_loss", "z_loss"}, ...} for every MoE
+    layer that sowed stats, removed from the model so they never reach a checkpoint. A layer called
+    several times since the last pop reports the mean over its calls. {} when nothing was sown."""
     out = {}
     for path, m in _moe_modules(model):
         if hasattr(m, "moe_stats"):
-            out[path] = m.moe_stats.get_value()[-1]
+            calls = m.moe_stats.get_value()
+            out[path] = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v), axis=0), *calls)
             del m.moe_stats
     return out
 
 
-def update_router_biases(model: nnx.Module, stats: dict[str, dict], rate: float) -> None:
-    """Aux-loss-free balancing, in place: each layer's correction bias += rate * sign(mean load - load)."""
+def update_router_biases(model: nnx.Module, stats: dict[str, dict[str, jax.Array]], rate: float) -> None:
+    """Aux-loss-free balancing, in place: for each layer in `stats` (from `pop_moe_stats`), its
+    e_score_correction_bias += rate * sign(mean(counts) - counts) (= sign(mean(load) - load), without
+    fp32 rounding at the mean). Layers may have different expert counts."""
     for path, m in _moe_modules(model):
         if path in stats:
             m.e_score_correction_bias[...] = update_correction_bias(m.e_score_correction_bias[...],
-                                                                    stats[path]["load"], rate)
+                                                                    stats[path]["counts"], rate)

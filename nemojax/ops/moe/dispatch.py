@@ -2,12 +2,19 @@
 
 Three implementations of the same math, chosen by `implementation=`:
 - "dense":   every expert on every token, combined through a one-hot gate (tiny models; the oracle);
-- "ragged":  dropless sort-by-expert + grouped matmul (`jax.lax.ragged_dot`) + unsort;
-- "batched": tokens scattered into a per-expert buffer [E, C, D], one batched matmul, gathered back.
+- "ragged":  sort assignments by expert + grouped matmul (`jax.lax.ragged_dot`) + unsort;
+- "batched": assignments gathered into a per-expert buffer [E, C, D], one batched einsum with the
+             [E, D, F] weights, gathered back. Dropless it needs C = T slots per expert (any expert
+             may receive every token), i.e. the FLOPs of "dense"; it pays off with a capacity factor.
 
-Optional capacity (static shapes): each expert keeps at most C = ceil(capacity_factor * T * K / E)
-assignments, the first ones in (token, k) order, as MaxText and Megatron do; dropped assignments
-contribute zero (the token keeps its shared expert and residual).
+Capacity (optional, static shapes): each expert keeps at most C = ceil(capacity_factor * T * K / E)
+assignments (clipped to [1, T]), counted over all T tokens of the call. The drop rule is by position:
+an expert keeps its first C assignments in token order (a token reaches an expert through at most
+one of its K slots, so (token, k) order is token order), as MaxText's cumsum capacity mask and
+Megatron's `--moe-token-drop-policy position` do (Megatron's default `probs` policy instead keeps
+the highest-weight assignments; MaxText counts capacity per sequence rather than per call). Dropped
+assignments contribute zero and the remaining weights are not renormalised; the token keeps its
+shared expert and residual, which the caller adds.
 """
 
 from __future__ import annotations
@@ -20,21 +27,30 @@ import jax.numpy as jnp
 from nemojax.ops.ffn import relu2
 
 IMPLEMENTATIONS = ("dense", "ragged", "batched")
-# Fastest dropless path per backend, measured by experiments/benchmarks/moe_dispatch.py.
-DEFAULT = {"cpu": "ragged", "gpu": "ragged", "tpu": "ragged"}
+# implementation=None: the fastest path measured by experiments/benchmarks/moe_dispatch.py (see
+# experiments/benchmarks/RESULTS.md), per backend, dropless and with a capacity factor. GPU/TPU are
+# unmeasured: "ragged" (grouped matmul, no padding FLOPs) until a benchmark says otherwise.
+DEFAULT = {("cpu", False): "ragged", ("cpu", True): "ragged"}
+
+
+def default_implementation(backend: str | None = None, *, dropless: bool = True) -> str:
+    return DEFAULT.get((backend or jax.default_backend(), not dropless), "ragged")
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
-    """Slots per expert: every token once (dropless) or ceil(factor * T * K / E)."""
+    """Slots per expert: every token once (dropless) or ceil(factor * T * K / E), within [1, T]."""
     if capacity_factor is None:
         return tokens
     return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
 
 
 def slot_in_expert(indices, num_experts: int):
-    """For each assignment [T, K], its 0-based arrival order at its expert, counting in (token, k) order."""
-    onehot = jax.nn.one_hot(indices.reshape(-1), num_experts, dtype=jnp.int32)
-    return (jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=-1) - 1).reshape(indices.shape)
+    """Each assignment's 0-based arrival rank at its expert [T, K], counting in token order."""
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # stable: each expert's assignments stay in token order
+    counts = jnp.bincount(flat, length=num_experts)
+    rank_sorted = jnp.arange(flat.shape[0], dtype=flat.dtype) - (jnp.cumsum(counts) - counts)[flat[order]]
+    return jnp.zeros_like(flat).at[order].set(rank_sorted.astype(flat.dtype)).reshape(indices.shape)
 
 
 def _dense(x, weights, indices, w_up, w_down):
@@ -45,64 +61,82 @@ def _dense(x, weights, indices, w_up, w_down):
     return jnp.einsum("te,ted->td", gate, y_e)
 
 
-def _ragged(x, weights, indices, w_up, w_down):
+def _combine(y_rows, row, weights):
+    """y_t = sum_k w_tk y_rows[row_tk]; row == len(y_rows) (a dropped assignment) reads zero."""
+    t, k = weights.shape
+    y_assign = jnp.take(y_rows, row, axis=0, mode="fill", fill_value=0)
+    return jnp.einsum("tkd,tk->td", y_assign.reshape(t, k, -1), weights.astype(jnp.float32))
+
+
+def _ragged(x, weights, indices, w_up, w_down, kept, cap):
     t, k = indices.shape
     e = w_up.shape[0]
-    flat = indices.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token_of = order // k
-    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    xs = x[token_of]
-    h = relu2(jax.lax.ragged_dot(xs, w_up, group_sizes, preferred_element_type=jnp.float32)).astype(x.dtype)
-    ys = jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32)
-    ys = ys * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((t, x.shape[1]), jnp.float32).at[token_of].add(ys)
+    # Dropped assignments get key E: they sort after every kept one, past the last group.
+    key = jnp.where(kept, indices, e).reshape(-1)
+    order = jnp.argsort(key, stable=True)
+    rows = min(t * k, e * cap)  # static: every kept assignment fits
+    order = order[:rows]
+    group_sizes = jnp.bincount(key, length=e).astype(jnp.int32)
+    xs = x[order // k]
+    # ragged_dot leaves rows past the last group unspecified; zero them so that neither they nor
+    # their gradients reach anything.
+    filled = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
+    pre = jax.lax.ragged_dot(xs, w_up, group_sizes, preferred_element_type=jnp.float32)
+    h = relu2(jnp.where(filled, pre, 0.0)).astype(x.dtype)
+    ys = jnp.where(filled, jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
+    # position of each assignment in the sorted rows (rows: dropped, reads zero)
+    row = jnp.full((t * k,), rows, jnp.int32).at[order].set(jnp.arange(rows, dtype=jnp.int32))
+    return _combine(ys, jnp.where(kept.reshape(-1), row, rows), weights)
 
 
-def _batched(x, weights, indices, w_up, w_down, slots, cap):
+def _batched(x, weights, indices, w_up, w_down, kept, slot, cap):
     t, k = indices.shape
-    e, d = w_up.shape[0], x.shape[1]
-    kept = slots < cap
-    # dropped assignments are written to (and read from) a scratch row past the end of the buffer
-    row = jnp.where(kept, indices * cap + slots, e * cap).reshape(-1)
-    token_of = jnp.repeat(jnp.arange(t), k)
-    buf = jnp.zeros((e * cap + 1, d), x.dtype).at[row].set(x[token_of])[:-1].reshape(e, cap, d)
+    e = w_up.shape[0]
+    row = jnp.where(kept, indices * cap + slot, e * cap).reshape(-1)  # e * cap: dropped
+    # token in each buffer slot; empty slots read row t, a zero row
+    token_in_slot = jnp.full((e * cap,), t, jnp.int32).at[row].set(
+        jnp.arange(t * k, dtype=jnp.int32) // k, mode="drop")
+    buf = jnp.take(x, token_in_slot, axis=0, mode="fill", fill_value=0).reshape(e, cap, -1)
     h = relu2(jnp.einsum("ecd,edf->ecf", buf, w_up, preferred_element_type=jnp.float32)).astype(x.dtype)
-    y_buf = jnp.einsum("ecf,efd->ecd", h, w_down, preferred_element_type=jnp.float32).reshape(e * cap, d)
-    y_rows = jnp.concatenate([y_buf, jnp.zeros((1, d), jnp.float32)])[row]
-    return jnp.zeros((t, d), jnp.float32).at[token_of].add(y_rows * weights.reshape(-1)[:, None])
+    y_buf = jnp.einsum("ecf,efd->ecd", h, w_down, preferred_element_type=jnp.float32)
+    return _combine(y_buf.reshape(e * cap, -1), row, weights)
 
 
 def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = None,
             capacity_factor: float | None = None, return_stats: bool = False):
-    """y_t = sum_k weights[t,k] * relu2(x_t @ w_up[e]) @ w_down[e], e = indices[t,k].
+    """y_t = sum_k weights[t,k] * relu2(x_t @ w_up[e]) @ w_down[e], e = indices[t,k], over the kept
+    assignments (all of them when dropless; see the module doc for the capacity and drop rule).
 
-    x [T, Din]; weights, indices [T, K]; w_up [E, Din, F]; w_down [E, F, Din]. The weighted sum is
-    accumulated in fp32; the result has x's dtype. implementation: "dense" | "ragged" | "batched" | None
-    (the backend's measured default). With `return_stats`, also returns {"load": [E] fraction of the
-    T*K assignments sent to each expert (before dropping), "dropped_fraction": scalar}.
+    x [T, Din]; weights, indices [T, K]; w_up [E, Din, F]; w_down [E, F, Din]. Matmuls and the
+    weighted sum accumulate in fp32; the result has x's dtype. implementation: "dense" | "ragged" |
+    "batched" | None (the backend's measured default, `default_implementation`). capacity_factor:
+    None (dropless) or > 0. With `return_stats`, returns (y, stats), all fp32: "counts" [E], the
+    assignments routed to each expert (before dropping; exact integers), "load" [E] = counts / (T*K),
+    and "dropped_fraction", the fraction of the T*K assignments dropped by capacity.
     """
-    impl = implementation or DEFAULT.get(jax.default_backend(), "ragged")
+    impl = implementation or default_implementation(dropless=capacity_factor is None)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"moe_ffn: implementation must be one of {IMPLEMENTATIONS} or None; got {impl!r}")
     if w_up.shape[1] != x.shape[1] or w_down.shape != (w_up.shape[0], w_up.shape[2], w_up.shape[1]):
         raise ValueError(f"moe_ffn: x {x.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
                          "[T, Din], [E, Din, F], [E, F, Din]")
-    if capacity_factor is not None and capacity_factor <= 0:
+    if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"moe_ffn: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
     t, k = indices.shape
     e = w_up.shape[0]
     w_up, w_down = w_up.astype(x.dtype), w_down.astype(x.dtype)
     cap = capacity(t, k, e, capacity_factor)
-    slots = slot_in_expert(indices, e)
-    kept = slots < cap
-    if impl == "batched":
-        y = _batched(x, weights, indices, w_up, w_down, slots, cap)
+    slot = slot_in_expert(indices, e) if capacity_factor is not None or impl == "batched" else None
+    kept = jnp.ones((t, k), bool) if capacity_factor is None else slot < cap
+    if impl == "dense":
+        y = _dense(x, jnp.where(kept, weights, 0.0), indices, w_up, w_down)
+    elif impl == "ragged":
+        y = _ragged(x, weights, indices, w_up, w_down, kept, cap)
     else:
-        fn = _dense if impl == "dense" else _ragged
-        y = fn(x, jnp.where(kept, weights, 0.0), indices, w_up, w_down)
+        y = _batched(x, weights, indices, w_up, w_down, kept, slot, cap)
     y = y.astype(x.dtype)
     if not return_stats:
         return y
-    load = jnp.bincount(indices.reshape(-1), length=e).astype(jnp.float32) / (t * k)
-    return y, {"load": load, "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32))}
+    counts = jnp.bincount(indices.reshape(-1), length=e).astype(jnp.float32)
+    stats = {"counts": counts, "load": counts / (t * k), "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32))}
+    return y, stats
