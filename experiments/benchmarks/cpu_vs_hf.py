@@ -140,20 +140,22 @@ def mixing_flops(hf_cfg: dict, batch: int, seq: int) -> float:
     return flops
 
 
-def gemm_seconds(framework: str, m: int, k: int, n: int, repeats: int) -> float:
-    """Median seconds of x[m,k] @ w[k,n] plus the two backward GEMMs (dx = dy w^T, dw = x^T dy)."""
+def gemm_seconds(m: int, k: int, n: int, repeats: int) -> dict[str, float]:
+    """Median seconds, per framework, of x[m,k] @ w[k,n] plus the two backward GEMMs
+    (dx = dy w^T, dw = x^T dy); jax and torch alternate so both see the same machine load."""
     rng = np.random.default_rng(0)
     x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((m, k), (k, n), (m, n)))
-    if framework == "jax":
-        x, w, dy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
-        f = jax.jit(lambda x, w, dy: (x @ w, dy @ w.T, x.T @ dy))
-        jax.block_until_ready(f(x, w, dy))
-        run = lambda: jax.block_until_ready(f(x, w, dy))  # noqa: E731
-    else:
-        x, w, dy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
-        run = lambda: (x @ w, dy @ w.T, x.T @ dy)  # noqa: E731
+    jx, jw, jdy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
+    f = jax.jit(lambda x, w, dy: (x @ w, dy @ w.T, x.T @ dy))
+    tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+    runs = {"jax": lambda: jax.block_until_ready(f(jx, jw, jdy)), "torch": lambda: (tx @ tw, tdy @ tw.T, tx.T @ tdy)}
+    for run in runs.values():
         run()
-    return float(np.median([timed(run)[0] for _ in range(repeats)]))
+    times = {fw: [] for fw in runs}
+    for i in range(repeats):
+        for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+            times[fw].append(timed(runs[fw])[0])
+    return {fw: float(np.median(t)) for fw, t in times.items()}
 
 
 def roofline(hf_cfg: dict, batch: int, seq: int, repeats: int) -> dict:
@@ -162,15 +164,28 @@ def roofline(hf_cfg: dict, batch: int, seq: int, repeats: int) -> dict:
     extra_flops = 3 * mixing_flops(hf_cfg, batch, seq)
     res = {"weight_gemm_flops": weight_flops, "mixing_flops": extra_flops,
            "gemms": [dict(name=g, m=m, k=k, n=n) for g, m, k, n in gemms]}
-    shapes = sorted({(m, k, n) for _, m, k, n in gemms})
+    per_shape = {s: gemm_seconds(*s, repeats) for s in sorted({(m, k, n) for _, m, k, n in gemms})}
     for fw in ("jax", "torch"):
-        per_shape = {s: gemm_seconds(fw, *s, repeats) for s in shapes}
-        t_weights = sum(per_shape[(m, k, n)] for _, m, k, n in gemms)
+        t_weights = sum(per_shape[(m, k, n)][fw] for _, m, k, n in gemms)
         rate = weight_flops / t_weights
         res[fw] = {"gemm_gflops": rate / 1e9, "roofline_s": t_weights + extra_flops / rate,
-                   "per_shape_gflops": {f"{m}x{k}x{n}": 3 * 2 * m * k * n / t / 1e9
+                   "per_shape_gflops": {f"{m}x{k}x{n}": 3 * 2 * m * k * n / t[fw] / 1e9
                                         for (m, k, n), t in per_shape.items()}}
     return res
+
+
+def stream_gbps(repeats: int, nbytes: int = 256 << 20) -> float:
+    """DRAM read bandwidth: a jitted sum over an array 8x larger than the L3 cache."""
+    a = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    jax.block_until_ready(f(a))
+    return nbytes / 1e9 / float(np.median([timed(lambda: jax.block_until_ready(f(a)))[0] for _ in range(repeats)]))
+
+
+def decode_weight_bytes(hf) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding table (a row gather)."""
+    emb = hf.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in hf.parameters()) - emb.numel() * emb.element_size()
 
 
 # ------------------------------------------------------------------------------------- models
@@ -218,7 +233,7 @@ def hf_train_step(hf):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return run
 
@@ -257,8 +272,18 @@ def bench_model(name: str, args, workdir: Path) -> dict:
     same_first = int(np.min([np.argmax(np.append(h != j, True)) for h, j in zip(hf_out[:, p:], nj_out[:, p:])]))
     decode = summary(interleaved({"hf": hf_generate, "nemojax": nj_generate}, args.repeats), b * n_new)
     decode.update(compile_s=gen_compile_s, greedy_tokens_equal=new_equal, greedy_first_mismatch=same_first)
+    # Each decode step streams the weights once: at batch b the step is bandwidth-bound when they
+    # exceed the last-level cache. Lower bound on a step = weight bytes / DRAM read bandwidth.
+    gbps = stream_gbps(args.gemm_repeats)
+    step_floor_s = decode_weight_bytes(hf) / 1e9 / gbps
+    decode_steps = n_new  # prefill included in both timings; it is small next to n_new steps
+    decode.update(weight_mbytes=decode_weight_bytes(hf) / 1e6, stream_gbps=gbps, step_floor_s=step_floor_s,
+                  bandwidth_fraction_nemojax=step_floor_s * decode_steps / decode["nemojax_s"],
+                  bandwidth_fraction_hf=step_floor_s * decode_steps / decode["hf_s"])
     print(f"[{name}] decode: HF {decode['hf_tok_per_s']:.0f} tok/s, nemojax {decode['nemojax_tok_per_s']:.0f} "
-          f"tok/s, ratio {decode['ratio']:.2f}x (greedy tokens equal {new_equal:.3f})", flush=True)
+          f"tok/s, ratio {decode['ratio']:.2f}x (greedy tokens equal {new_equal:.3f}); weights {decode['weight_mbytes']:.0f} MB "
+          f"per step at {gbps:.1f} GB/s -> bandwidth fraction nemojax {decode['bandwidth_fraction_nemojax']:.2f}, "
+          f"HF {decode['bandwidth_fraction_hf']:.2f}", flush=True)
 
     # ------------------------------------------------------------------------- training step
     nj_step, hf_step = nemojax_train_step(model), hf_train_step(hf)
@@ -281,24 +306,29 @@ def bench_model(name: str, args, workdir: Path) -> dict:
           f"(GEMM {roof['jax']['gemm_gflops']:.0f} GFLOP/s), HF {roof['torch']['fraction']:.2f} "
           f"(GEMM {roof['torch']['gemm_gflops']:.0f} GFLOP/s)", flush=True)
     return {"hf_config": hf_cfg, "params": hf_param_count(hf), "logits_rel_err": logits_err,
+            "load_avg_after": os.getloadavg(),
             "batch": b, "seq": l, "prompt": p, "new_tokens": n_new, "train": train, "decode": decode}
 
 
 def table(results: dict) -> str:
-    rows = ["| model | metric | HF tok/s | nemojax tok/s | ratio (goal) | nemojax compile s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | metric | HF tok/s | nemojax tok/s | ratio (goal) | pair-ratio range | nemojax compile s |",
+            "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for metric, goal in (("train", 1.5), ("decode", 5.0)):
             m = r[metric]
+            lo, hi = m["ratio_min_max"]
             rows.append(f"| {name} | {metric} | {m['hf_tok_per_s']:.0f} | {m['nemojax_tok_per_s']:.0f} | "
-                        f"{m['ratio']:.2f}x ({goal}x) | {m['compile_s']:.1f} |")
-    rows += ["", "| model | matmul GFLOP/step | GEMM GFLOP/s jax / torch | roofline fraction nemojax / HF | "
-             "ratio cap (HF / best roofline) |", "|---|---|---|---|---|"]
+                        f"{m['ratio']:.2f}x ({goal}x) | {lo:.2f}-{hi:.2f} | {m['compile_s']:.1f} |")
+    rows += ["", "| model | train matmul GFLOP/step | GEMM GFLOP/s jax / torch | roofline fraction nemojax / HF | "
+             "ratio cap (HF / best roofline) | decode: weights MB, DRAM GB/s, bandwidth fraction nemojax / HF |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        f = r["train"]["roofline"]
+        f, d = r["train"]["roofline"], r["decode"]
         rows.append(f"| {name} | {(f['weight_gemm_flops'] + f['mixing_flops']) / 1e9:.1f} | "
                     f"{f['jax']['gemm_gflops']:.0f} / {f['torch']['gemm_gflops']:.0f} | "
-                    f"{f['jax']['fraction']:.2f} / {f['torch']['fraction']:.2f} | {f['ratio_cap']:.2f}x |")
+                    f"{f['jax']['fraction']:.2f} / {f['torch']['fraction']:.2f} | {f['ratio_cap']:.2f}x | "
+                    f"{d['weight_mbytes']:.0f}, {d['stream_gbps']:.1f}, {d['bandwidth_fraction_nemojax']:.2f} / "
+                    f"{d['bandwidth_fraction_hf']:.2f} |")
     return "\n".join(rows)
 
 
