@@ -88,7 +88,8 @@ def cmd_train(args) -> int:
     print(f"held-out loss  untrained {a['ce']:.3f} -> trained {b['ce']:.3f} nats/token "
           f"(perplexity {math.exp(a['ce']):.1f} -> {math.exp(b['ce']):.2f}); "
           f"accuracy {a['accuracy']:.3f} -> {b['accuracy']:.3f}")
-    print(f"sample ({tc.data}):\n{s['sample']}")
+    if "sample" in s:
+        print(f"sample ({tc.data}):\n{s['sample']}")
     return 0
 
 

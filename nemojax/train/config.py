@@ -49,7 +49,7 @@ class TrainConfig:
     eval_batches: int = field(default=4, metadata={"help": "batches per evaluation"})
     log_every: int = field(default=10, metadata={"help": "metrics interval in steps"})
     sample_prompt: str = field(default="The ", metadata={"help": "prompt of the sample printed at the end"})
-    sample_tokens: int = field(default=160, metadata={"help": "tokens in that sample"})
+    sample_tokens: int = field(default=160, metadata={"help": "tokens in that sample (0: no sample)"})
     mesh: str | None = field(default=None, metadata={"help": "device mesh, e.g. data=2,fsdp=2,expert=2 "
                                                              "(default: all devices on data)"})
 

@@ -321,8 +321,10 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     if step == tc.steps and interrupted is None:
         summary["final_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
         model = merged(graphdef, state)
-        summary["sample"] = (sample_text(model, ds, tc.sample_prompt, tc.sample_tokens, tc.seed)
-                             if ds.tokenizer is not None else sample_task(model, ds_eval))
+        if ds.tokenizer is None:
+            summary["sample"] = sample_task(model, ds_eval)
+        elif tc.sample_tokens > 0:
+            summary["sample"] = sample_text(model, ds, tc.sample_prompt, tc.sample_tokens, tc.seed)
     records = read_metrics(out / "metrics.jsonl")
     if records:
         plot_metrics(records, out / "loss.png", title=f"{tc.preset} on {tc.data}")
