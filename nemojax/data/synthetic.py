@@ -1,5 +1,5 @@
-"""Synthetic sequence tasks of SSM research. Each builds sequences of length seq_len + 1 and scores only
-the positions whose next token the task determines (targets elsewhere are IGNORE).
+"""Synthetic sequence tasks of SSM research. Each scores only the positions whose answer the task
+determines from the inputs so far (targets elsewhere are IGNORE).
 
 - MQAR, multi-query associative recall (Arora et al. 2023, Zoology): key-value pairs, then the keys again
   at power-law-spaced positions; at a queried key the model must emit its value.
@@ -27,10 +27,12 @@ def _split(seqs: np.ndarray, scored: np.ndarray) -> dict:
 
 
 class MQAR(Dataset):
-    """Keys from [1, V/2), values from [V/2, V), token 0 fills the gaps. Layout (length L + 1):
-    k_1 v_1 ... k_N v_N, then the N keys in random order, each followed by its value, at pair slots
-    drawn with probability ~ slot^(power_a - 1) (Zoology's power law: most queries come soon after the
-    context, a few far away); the target at each query key is its value."""
+    """Zoology's layout (its `random_non_queries=False` variant, so no filler token can be mistaken for
+    a key): distinct keys from [1, V/2), distinct values from [V/2, V), token 0 fills the gaps. Length
+    L + 1: k_1 v_1 ... k_N v_N, then the N keys in random order at pair slots drawn with probability
+    ~ slot^(power_a - 1) (most queries come soon after the context, a few far away). The target at each
+    query key is its value; the value itself never appears after the query, so recall is the only way
+    to score (no eliminating values already answered)."""
 
     def __init__(self, *, num_kv_pairs: int = 8, vocab_size: int = 256, power_a: float = 0.01, **kw):
         super().__init__(**kw)
@@ -38,8 +40,9 @@ class MQAR(Dataset):
         _check(isinstance(n, int) and n >= 1, f"num_kv_pairs must be a positive int; got {n!r}")
         _check(4 * n <= L + 1, f"seq_len must be >= 4 * num_kv_pairs - 1 = {4 * n - 1} (context and queries); "
                                f"got seq_len={L}")
-        _check(vocab_size // 2 - 1 >= n, f"vocab_size must give >= num_kv_pairs={n} distinct keys "
-                                         f"(keys use [1, vocab_size/2)); got vocab_size={vocab_size}")
+        _check(isinstance(vocab_size, int) and vocab_size // 2 - 1 >= n,
+               f"vocab_size must be an int >= 2 * num_kv_pairs + 2 = {2 * n + 2} (num_kv_pairs distinct keys "
+               f"in [1, vocab_size/2), distinct values in [vocab_size/2, vocab_size)); got {vocab_size!r}")
         _check(power_a > 0, f"power_a must be > 0; got {power_a}")
         self.n, self.vocab_size, self.power_a = n, vocab_size, power_a
 
@@ -47,18 +50,19 @@ class MQAR(Dataset):
         rng, B, n, V, L = self.rng(step), self.batch_size, self.n, self.vocab_size, self.seq_len
         half = V // 2
         keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(B)])
-        values = rng.integers(half, V, (B, n))
-        seqs = np.zeros((B, L + 1), np.int64)
-        seqs[:, 0:2 * n:2], seqs[:, 1:2 * n:2] = keys, values
-        slots = (L + 1 - 2 * n) // 2
+        values = np.stack([rng.choice(np.arange(half, V), n, replace=False) for _ in range(B)])
+        inputs = np.zeros((B, L), np.int32)
+        inputs[:, 0:2 * n:2], inputs[:, 1:2 * n:2] = keys, values
+        slots = (L + 1 - 2 * n) // 2  # the last slot's key sits at L - 1 or L - 2
         p = np.arange(1, slots + 1, dtype=np.float64) ** (self.power_a - 1)
-        scored = np.zeros((B, L), bool)
+        targets = np.full((B, L), IGNORE, np.int32)
         for b in range(B):
             where = 2 * n + 2 * np.sort(rng.choice(slots, n, replace=False, p=p / p.sum()))
             order = rng.permutation(n)
-            seqs[b, where], seqs[b, where + 1] = keys[b, order], values[b, order]
-            scored[b, where] = True  # input = key; its target (next token) = the value
-        return _split(seqs, scored)
+            inputs[b, where] = keys[b, order]
+            # input = the key; target = its value, which the next input does not reveal (it stays 0)
+            targets[b, where] = values[b, order]
+        return {"inputs": inputs, "targets": targets}
 
 
 class InductionHeads(Dataset):
