@@ -22,23 +22,28 @@ FILE_TYPES = (".txt", ".jsonl")
 
 
 def builtin_documents() -> list[str]:
-    """Python's own pydoc topics (~470 KB of English technical prose), in a fixed order."""
+    """Python's own pydoc topics (English technical prose: 466 KB on Python 3.11, 493 KB on 3.12, 512 KB on
+    3.13), sorted by topic name. Fixed for a given Python version, so runs compare within one version."""
     from pydoc_data.topics import topics
 
     return [topics[k] for k in sorted(topics)]
 
 
-def _read_txt(path: Path) -> list[str]:
-    raw = path.read_bytes()
+def _decode(raw: bytes, where: str) -> str:
     try:
-        return [raw.decode("utf-8")]
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        raise ValueError(f"{where}: not UTF-8 text (invalid byte {raw[e.start]:#04x} at byte offset {e.start})") from None
+
+
+def _read_txt(path: Path) -> list[str]:
+    return [_decode(path.read_bytes(), str(path))]
 
 
 def _read_jsonl(path: Path, text_key: str) -> list[str]:
     docs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+    for i, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = _decode(raw, f"{path}, line {i}")
         if not line.strip():
             continue
         try:
@@ -69,7 +74,10 @@ def file_documents(path, text_key: str = "text") -> list[str]:
             raise ValueError(f"data path {f}: unsupported file type {f.suffix!r}; use {' or '.join(FILE_TYPES)}")
         if f.stat().st_size == 0:
             raise ValueError(f"data path {f}: the file is empty")
-        docs += _read_txt(f) if f.suffix == ".txt" else _read_jsonl(f, text_key)
+        found = _read_txt(f) if f.suffix == ".txt" else _read_jsonl(f, text_key)
+        if not found:
+            raise ValueError(f"data path {f}: no documents (only blank lines)")
+        docs += found
     return docs
 
 

@@ -70,6 +70,33 @@ def test_synthetic_tasks_are_solved_exactly_by_their_oracles(seq_len):
                 assert np.sum(t != IGNORE) == n_scored
 
 
+def test_mqar_layout():
+    n, L = 6, 64
+    ds = data.make_dataset("mqar", seq_len=L, batch_size=64, num_kv_pairs=n, vocab_size=64)
+    b = ds.batch(0)
+    for x, t in zip(b["inputs"], b["targets"]):
+        keys, values = x[0:2 * n:2], x[1:2 * n:2]
+        assert len(set(keys)) == n and len(set(values)) == n
+        assert keys.min() >= 1 and keys.max() < 32 <= values.min() and values.max() < 64
+        q = np.flatnonzero(t != IGNORE)
+        assert q.min() >= 2 * n and sorted(x[q]) == sorted(keys)  # every key queried once, after the context
+        assert np.all(x[q[q + 1 < L] + 1] == 0)  # the answer is never revealed after its query
+        assert np.count_nonzero(x[2 * n:]) == n  # the query region holds only the queried keys
+
+
+def test_mqar_query_spacing_follows_the_power_law():
+    # Query slots are drawn with p(slot) ~ slot^(power_a - 1): power_a -> 0 crowds them next to the
+    # context, power_a = 1 spreads them uniformly.
+    def slot_counts(power_a):
+        ds = data.make_dataset("mqar", seq_len=64, batch_size=400, num_kv_pairs=4, vocab_size=64, power_a=power_a)
+        q = np.flatnonzero(ds.batch(0)["targets"].ravel() != IGNORE) % 64
+        return np.bincount((q - 8) // 2, minlength=28).reshape(4, 7).sum(1)  # per quarter of the 28 slots
+
+    crowded, uniform = slot_counts(0.01), slot_counts(1.0)
+    assert crowded[0] > 4 * crowded[-1]
+    assert uniform.max() < 1.25 * uniform.min()
+
+
 def test_induction_trigger_appears_exactly_twice():
     ds = data.make_dataset("induction", seq_len=40, batch_size=16)
     x = ds.batch(0)["inputs"]
@@ -78,7 +105,8 @@ def test_induction_trigger_appears_exactly_twice():
 
 @pytest.mark.parametrize("name,opts,field", [
     ("mqar", dict(num_kv_pairs=20), "seq_len"), ("mqar", dict(num_kv_pairs=4, vocab_size=8), "vocab_size"),
-    ("selective_copy", dict(num_tokens=40), "seq_len"), ("mqar", dict(bogus=1), "bogus"),
+    ("selective_copy", dict(num_tokens=40), "seq_len"), ("mqar", dict(bogus=1), "unknown option.*bogus.*allowed: num_kv_pairs, vocab_size, power_a"),
+    ("text", dict(path="x.txt"), "unknown option.*path"),
     ("nope", {}, "unknown dataset")])
 def test_bad_options_name_the_field(name, opts, field):
     with pytest.raises(ValueError, match=field):
@@ -125,6 +153,9 @@ def test_builtin_corpus_splits_are_disjoint():
     (b"ok \xff\xfe bad", "bad.txt", "not UTF-8.*offset 3"),
     (b'{"text": "a"}\n{"text": broken\n', "bad.jsonl", "line 2: not valid JSON"),
     (b'{"text": "a"}\n{"body": "b"}\n', "nokey.jsonl", "line 2: no 'text' field"),
+    (b'{"text": "a"}\n["text"]\n', "list.jsonl", "line 2: no 'text' field"),
+    (b'{"text": "a"}\n\n{"text": "\xc3("}\n', "latin.jsonl", "line 3: not UTF-8.*offset 10"),
+    (b'\n  \n', "blank.jsonl", "no documents"),
     (b"a,b\n", "table.csv", "unsupported file type '.csv'"),
     (b"short", "short.txt", "fewer than seq_len"),
 ])
