@@ -27,14 +27,16 @@ import jax.numpy as jnp
 from nemojax.ops.ffn import relu2
 
 IMPLEMENTATIONS = ("dense", "ragged", "batched")
-# implementation=None: the fastest path measured by experiments/benchmarks/moe_dispatch.py (see
-# experiments/benchmarks/RESULTS.md), per backend, dropless and with a capacity factor. GPU/TPU are
-# unmeasured: "ragged" (grouped matmul, no padding FLOPs) until a benchmark says otherwise.
-DEFAULT = {("cpu", False): "ragged", ("cpu", True): "ragged"}
+# implementation=None: the fastest fwd+bwd path measured by experiments/benchmarks/moe_dispatch.py
+# (experiments/benchmarks/RESULTS.md). On CPU, ragged_dot is lowered to a masked dense dot over all
+# E groups (K times the FLOPs of "dense"), so "batched" wins, dropless (tied with "dense" at E=128)
+# and far ahead with a capacity factor. GPU/TPU are unmeasured: "ragged" (a grouped GEMM, no
+# padding FLOPs) until a benchmark says otherwise.
+DEFAULT = {"cpu": "batched"}
 
 
-def default_implementation(backend: str | None = None, *, dropless: bool = True) -> str:
-    return DEFAULT.get((backend or jax.default_backend(), not dropless), "ragged")
+def default_implementation(backend: str | None = None) -> str:
+    return DEFAULT.get(backend or jax.default_backend(), "ragged")
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
@@ -55,10 +57,11 @@ def slot_in_expert(indices, num_experts: int):
 
 def _dense(x, weights, indices, w_up, w_down):
     e = w_up.shape[0]
-    h = relu2(jnp.einsum("td,edf->tef", x, w_up, preferred_element_type=jnp.float32)).astype(x.dtype)
-    y_e = jnp.einsum("tef,efd->ted", h, w_down, preferred_element_type=jnp.float32)
     gate = jnp.sum(jax.nn.one_hot(indices, e, dtype=jnp.float32) * weights[..., None], axis=1)  # [T, E]
-    return jnp.einsum("te,ted->td", gate, y_e)
+    h = relu2(jnp.einsum("td,edf->tef", x, w_up, preferred_element_type=jnp.float32))
+    # gating before the down projection contracts (e, f) at once: no [T, E, D] intermediate
+    return jnp.einsum("tef,efd->td", (h * gate[..., None]).astype(x.dtype), w_down,
+                      preferred_element_type=jnp.float32)
 
 
 def _combine(y_rows, row, weights):
@@ -84,9 +87,9 @@ def _ragged(x, weights, indices, w_up, w_down, kept, cap):
     pre = jax.lax.ragged_dot(xs, w_up, group_sizes, preferred_element_type=jnp.float32)
     h = relu2(jnp.where(filled, pre, 0.0)).astype(x.dtype)
     ys = jnp.where(filled, jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
-    # position of each assignment in the sorted rows (rows: dropped, reads zero)
+    # each assignment's sorted row; dropped ones land past the filled rows (zero) or at `rows` (fill)
     row = jnp.full((t * k,), rows, jnp.int32).at[order].set(jnp.arange(rows, dtype=jnp.int32))
-    return _combine(ys, jnp.where(kept.reshape(-1), row, rows), weights)
+    return _combine(ys, row, weights)
 
 
 def _batched(x, weights, indices, w_up, w_down, kept, slot, cap):
@@ -114,7 +117,7 @@ def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = N
     assignments routed to each expert (before dropping; exact integers), "load" [E] = counts / (T*K),
     and "dropped_fraction", the fraction of the T*K assignments dropped by capacity.
     """
-    impl = implementation or default_implementation(dropless=capacity_factor is None)
+    impl = implementation or default_implementation()
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"moe_ffn: implementation must be one of {IMPLEMENTATIONS} or None; got {impl!r}")
     if w_up.shape[1] != x.shape[1] or w_down.shape != (w_up.shape[0], w_up.shape[2], w_up.shape[1]):
