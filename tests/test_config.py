@@ -3,7 +3,7 @@ import json
 import pytest
 
 import nemojax as nj
-from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec
+from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig
 
 
 # ----------------------------------------------------------------------------- parameter counts

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE = -100
+from nemojax.data.base import IGNORE
 
 
 def _masked_mean(values, mask):

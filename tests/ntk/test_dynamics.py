@@ -3,15 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax import enable_x64
 
 from nemojax import ntk
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
 
 
 def mlp(p, x):

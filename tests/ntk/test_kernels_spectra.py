@@ -4,21 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import enable_x64
 from scipy.special import spherical_in
+
+from conftest import sphere_points
 
 from nemojax import ntk
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
-
-
-def sphere_points(n, d, seed):
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def test_arc_cosine_kernels_equal_gaussian_expectations():

@@ -1,15 +1,9 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import enable_x64
 
 from nemojax import ntk
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
 
 
 def test_residual_ntk_is_zonal_on_the_sphere():

@@ -7,20 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import enable_x64
+
+from conftest import sphere_points
 
 from nemojax import ntk
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
-
-
-def points(n=4, d=3, seed=0):
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def loop_forward(p, x, alphas, replace):
@@ -47,7 +39,7 @@ def loop_forward(p, x, alphas, replace):
 def test_surgery_forward_matches_the_loop(replace):
     depth, m, alphas = 4, 16, np.array([0.9, 0.5, 1.3, 0.7])
     params = ntk.resmlp_init(jax.random.key(1), 3, m, depth, jnp.float64)
-    X = points(5)
+    X = sphere_points(5)
     spec = ntk.surgery_spec(depth, m, replace, dtype=jnp.float64)
     got = ntk.resmlp_apply(params, jnp.asarray(X), alpha=alphas, spec=spec)
     p = jax.tree.map(np.asarray, params)
@@ -83,7 +75,7 @@ def test_cross_kernels_match_wide_networks(replace_x, replace_z):
     initialisations (one network fluctuates by ~10% at this width and alpha), approach
     `resnet_cross_kernels`."""
     seeds = 8
-    X, Z = jnp.asarray(points(3, seed=0)), jnp.asarray(points(3, seed=1))
+    X, Z = jnp.asarray(sphere_points(3, seed=0)), jnp.asarray(sphere_points(3, seed=1))
     specs = [ntk.surgery_spec(CROSS_DEPTH, CROSS_WIDTH, r) for r in (replace_x, replace_z)]
     emp_nngp = emp_ntk = 0.0
     for seed in range(seeds):
@@ -100,7 +92,7 @@ def test_cross_kernels_match_wide_networks(replace_x, replace_z):
 
 
 def test_cross_kernels_reduce_to_the_kernel_of_one_variant():
-    X, Z = jnp.asarray(points(4, 5, 0)), jnp.asarray(points(3, 5, 1))
+    X, Z = jnp.asarray(sphere_points(4, 5, 0)), jnp.asarray(sphere_points(3, 5, 1))
     rep = {0: ("fuse", 2), 3: "linear"}
     S, T = ntk.resnet_cross_kernels(X, Z, depth=5, alpha=0.6, replace_x=rep, replace_z=rep)
     np.testing.assert_allclose(T, ntk.resnet_ntk(X, Z, depth=5, alpha=0.6, replace=rep), rtol=1e-12)

@@ -4,20 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import enable_x64
+
+from conftest import sphere_points
 
 from nemojax import ntk
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with enable_x64():
-        yield
-
 
 def points(n=4, d=3, seed=0):
-    x = np.random.default_rng(seed).standard_normal((n, d))
-    return jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return jnp.asarray(sphere_points(n, d, seed))
 
 
 def finite_resnet_ntk(X, depth, alpha, groups, m=1536, seed=0):
