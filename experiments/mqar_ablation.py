@@ -47,7 +47,10 @@ def run_one(arch, seq_len, kv, args):
     summary = Path(tc.out_dir) / "summary.json"
     if summary.exists() and "final_eval" in json.loads(summary.read_text()):
         return json.loads(summary.read_text())
-    return train(tc, model_config=model_config(arch, args.vocab), quiet=True)
+    s = train(tc, model_config=model_config(arch, args.vocab), quiet=True)
+    if s["interrupted"]:  # train() saved and returned; end the sweep too (re-run to continue)
+        raise SystemExit(f"interrupted by {s['interrupted']} during {tc.out_dir}; re-run to resume")
+    return s
 
 
 def plot(rows, grid_lengths, path):
@@ -67,6 +70,7 @@ def plot(rows, grid_lengths, path):
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -87,21 +91,23 @@ def main(argv=None):
     grid = [(L, kv) for L in args.lengths for kv in args.kv if 4 * kv <= L]
     params = {a: param_counts(model_config(a, args.vocab)) for a in ARCHS}
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for (L, kv), arch in tqdm([(g, a) for g in grid for a in ARCHS], desc="mqar runs"):
         s = run_one(arch, L, kv, args)
         rows.append({"arch": arch, "pattern": ARCHS[arch], "seq_len": L, "num_kv_pairs": kv,
                      "accuracy": s["final_eval"]["accuracy"], "loss": s["final_eval"]["ce"],
                      "params_total": params[arch]["total"], "params_active": params[arch]["active"],
                      "seconds": s["seconds_this_run"]})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mqar_ablation.json").write_text(json.dumps(
-        {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    plot(rows, args.lengths, args.out / "mqar_ablation.png")
+        # rewritten after every run, so an interrupted sweep keeps its finished part
+        (args.out / "mqar_ablation.json").write_text(json.dumps(
+            {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows},
+            indent=2))
+        plot(rows, args.lengths, args.out / "mqar_ablation.png")
     print(f"{'arch':<11} {'params':>8} {'active':>8}  " + "  ".join(f"L{L}/kv{kv}" for L, kv in grid))
     for arch in ARCHS:
         acc = {(r["seq_len"], r["num_kv_pairs"]): r["accuracy"] for r in rows if r["arch"] == arch}
         print(f"{arch:<11} {params[arch]['total']:>8} {params[arch]['active']:>8}  "
-              + "  ".join(f"{acc[g]:>9.3f}" for g in grid))
+              + "  ".join(f"{acc.get(g, float('nan')):>9.3f}" for g in grid))
 
 
 if __name__ == "__main__":
