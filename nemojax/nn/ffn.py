@@ -34,6 +34,12 @@ class MoE(nnx.Module):
 
     The router and the shared expert read the full-width x; with `latent_size` set (LatentMoE)
     the routed experts live entirely in the latent width between the two projections.
+
+    Training attributes, set after construction (`configure_moe`): `implementation` and
+    `capacity_factor` (see `moe_ffn`; the shared expert always applies), and `collect_stats`, which
+    makes each call append {"counts", "load", "dropped_fraction", "aux_loss" (unscaled seq aux loss,
+    one sequence per row of a [B, L, D] input, a [T, D] input is one sequence), "z_loss"} to the
+    `moe_stats` Intermediate that `pop_moe_stats` reads and removes.
     """
 
     def __init__(self, spec: MoESpec, hidden: int, *, out_std: float, dtype, rngs: nnx.Rngs,

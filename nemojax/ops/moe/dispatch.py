@@ -30,8 +30,8 @@ IMPLEMENTATIONS = ("dense", "ragged", "batched")
 # implementation=None: the fastest fwd+bwd path measured by experiments/benchmarks/moe_dispatch.py
 # (experiments/benchmarks/RESULTS.md). On CPU, ragged_dot is lowered to a masked dense dot over all
 # E groups (K times the FLOPs of "dense"), so "batched" wins, dropless (tied with "dense" at E=128)
-# and far ahead with a capacity factor. GPU/TPU are unmeasured: "ragged" (a grouped GEMM, no
-# padding FLOPs) until a benchmark says otherwise.
+# and far ahead with a capacity factor. GPU/TPU are unmeasured: "ragged" until the benchmark is run
+# there (how XLA lowers ragged_dot varies by backend).
 DEFAULT = {"cpu": "batched"}
 
 
