@@ -108,6 +108,20 @@ def test_layer_stats_match_the_formulas_and_capacity_keeps_the_shared_expert():
     np.testing.assert_allclose(flat_stats["aux_loss"], aux_flat, rtol=1e-6)
     assert abs(float(aux) - float(aux_flat)) > 1e-4  # the sequence split matters
 
+    # the recorded aux loss is differentiable and its gradient reaches the router weight only
+    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+    def recorded_aux(params):
+        m = nnx.merge(graphdef, params, rest)
+        m(x)
+        return pop_moe_stats(m)[""]["aux_loss"]
+
+    grads = jax.jit(jax.grad(recorded_aux))(params)
+    direct = jax.grad(lambda w: seq_aux_loss((x @ w).reshape(3, 10, 8), 2))(params["gate_weight"][...])
+    assert float(jnp.abs(direct).max()) > 0
+    np.testing.assert_allclose(grads["gate_weight"][...], direct, rtol=1e-4, atol=1e-7)
+    assert not float(jnp.abs(grads["up_proj"][...]).max())
+
 
 def test_bias_updates_alone_balance_a_skewed_router():
     moe = small_moe()
