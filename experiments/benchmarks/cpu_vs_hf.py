@@ -218,8 +218,13 @@ def nemojax_train_step(model):
     tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
 
     def loss_fn(params, rest, tokens):
+        # labels shifted left and the last position masked, as transformers' causal-LM loss does:
+        # slicing the [B, L, V] logits instead costs a copy forward and a padded copy backward.
         logits = nnx.merge(graphdef, params, rest)(tokens)
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+        labels = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+        valid = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(jnp.where(valid, ce, 0.0)) / (tokens.shape[0] * (tokens.shape[1] - 1))
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, rest, tokens):
