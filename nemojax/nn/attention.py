@@ -21,7 +21,9 @@ class Attention(nnx.Module):
         self.o_proj = Linear(hq * d, hidden, std=out_std, dtype=dtype, rngs=rngs)
 
     def init_cache(self, batch: int, max_len: int, dtype):
-        shape = (batch, max_len, self.spec.num_kv_heads, self.spec.head_dim)
+        # [B, Hkv, S, Dh]: the layout the score and value contractions read, so a decode step
+        # does not transpose the whole cache.
+        shape = (batch, self.spec.num_kv_heads, max_len, self.spec.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def __call__(self, x, cache=None, pos=0):
@@ -36,9 +38,10 @@ class Attention(nnx.Module):
         if cache is None:
             k_pos = q_pos
         else:
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
-            new_cache = {"k": k, "v": v}
+            new_cache = {name: jax.lax.dynamic_update_slice(cache[name], t.astype(cache[name].dtype).swapaxes(1, 2),
+                                                            (0, 0, pos, 0))
+                         for name, t in (("k", k), ("v", v))}
+            k, v = new_cache["k"].swapaxes(1, 2), new_cache["v"].swapaxes(1, 2)
             slots = jnp.arange(k.shape[1], dtype=jnp.int32)
             k_pos = jnp.broadcast_to(jnp.where(slots < pos + l, slots, -1), (b, k.shape[1]))
         o = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_pos, k_pos, sliding_window=s.sliding_window)

@@ -41,7 +41,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
                     precision=jax.lax.Precision.HIGHEST)
 
     # 1. intra-chunk: y_i += sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j, one [Q, Q] map per head
-    decay = jnp.exp(jnp.where(causal, cs[..., :, None] - cs[..., None, :], -jnp.inf))  # mask before exp: no inf * 0 in gradients
+    # mask before exp: no inf * 0 in gradients
+    decay = jnp.exp(jnp.where(causal, cs[..., :, None] - cs[..., None, :], -jnp.inf))
     cb = jnp.einsum("bcgin,bcgjn->bcgij", Cg, Bg)  # shared by the heads of a group
     y = jnp.einsum("bcgrij,bcgrjp->bcgrip", cb[:, :, :, None] * decay * dth[..., None, :], xh)
 
