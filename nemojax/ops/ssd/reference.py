@@ -27,10 +27,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
         t = jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
         return t.reshape(b, nc, q, *t.shape[2:])
 
-    # Head-major layouts ([b, c, g, r, Q, ...]) make every contraction below one batched matmul
-    # over leading axes. Each contraction has two operands: with three, XLA may multiply out a
-    # [b, c, Q, g, r, p, n]-sized intermediate first.
-    xh = chunked(x).reshape(b, nc, q, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # [b, c, g, r, Q, p]
+    # Two layouts of x: head-major [b, c, g, r, Q, p] for the per-head [Q, Q] maps, token-major
+    # [b, c, g, Q, r*p] for the chunk states, which are kept n-major [.., n, r*p]. Then every
+    # contraction is one batched matmul over leading axes whose operands need at most a
+    # transpose of contiguous rows (a state layout [.., r*p, n] makes XLA copy the outputs'
+    # gradient to [.., r*p, Q] with a stride-64 gather: 10% of the SSD backward). Each contraction
+    # has two operands: with three, XLA may multiply out a [b, c, Q, g, r, p, n] product first.
+    xc = chunked(x).reshape(b, nc, q, g, r * p)
+    xt = xc.transpose(0, 1, 3, 2, 4)  # [b, c, g, Q, r*p]
+    xh = xc.reshape(b, nc, q, g, r, p).transpose(0, 1, 3, 4, 2, 5)  # [b, c, g, r, Q, p]
     dth = chunked(dt).reshape(b, nc, q, g, r).transpose(0, 1, 3, 4, 2)  # [b, c, g, r, Q]
     Bg = chunked(B).transpose(0, 1, 3, 2, 4)  # [b, c, g, Q, n]
     Cg = chunked(C).transpose(0, 1, 3, 2, 4)
@@ -44,29 +49,33 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     # mask before exp: no inf * 0 in gradients
     decay = jnp.exp(jnp.where(causal, cs[..., :, None] - cs[..., None, :], -jnp.inf))
     cb = jnp.einsum("bcgin,bcgjn->bcgij", Cg, Bg)  # shared by the heads of a group
-    y = jnp.einsum("bcgrij,bcgrjp->bcgrip", cb[:, :, :, None] * decay * dth[..., None, :], xh)
+    y_diag = jnp.einsum("bcgrij,bcgrjp->bcgrip", cb[:, :, :, None] * decay * dth[..., None, :], xh)
 
-    # 2. state contributed by each chunk, decayed to the chunk's end
-    to_end = jnp.exp(cs[..., -1:] - cs) * dth
-    chunk_states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bg, xh * to_end[..., None])
+    # 2. state contributed by each chunk, decayed to the chunk's end: [b, c, g, n, r*p]
+    to_end = (jnp.exp(cs[..., -1:] - cs) * dth).transpose(0, 1, 2, 4, 3)  # [b, c, g, Q, r]
+    x_to_end = (xt.reshape(b, nc, g, q, r, p) * to_end[..., None]).reshape(b, nc, g, q, r * p)
+    chunk_states = jnp.einsum("bcgjn,bcgjk->bcgnk", Bg, x_to_end)
 
     # 3. recurrence over chunks: the state entering each chunk
-    s0 = (jnp.zeros((b, g, r, p, n), f32) if initial_state is None
-          else initial_state.astype(f32).reshape(b, g, r, p, n))
+    s0 = (jnp.zeros((b, g, n, r * p), f32) if initial_state is None
+          else initial_state.astype(f32).reshape(b, g, r * p, n).transpose(0, 1, 3, 2))
+    chunk_decay = jnp.exp(jnp.repeat(cs[..., -1], p, axis=-1))[:, :, :, None, :]  # [b, c, g, 1, r*p]
 
     def step(s, inputs):
-        chunk_decay, new = inputs
-        return jnp.exp(chunk_decay)[..., None, None] * s + new, s
+        decay_c, new = inputs
+        return decay_c * s + new, s
 
-    final, entering = jax.lax.scan(step, s0, (jnp.moveaxis(cs[..., -1], 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # [b, c, g, r, p, n]
+    final, entering = jax.lax.scan(step, s0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # [b, c, g, n, r*p]
 
-    # 4. entering state -> outputs
-    y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cg, entering) * jnp.exp(cs)[..., None]
-    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :l]
+    # 4. entering state -> outputs, then both terms to [b, l, h, p]
+    y_off = jnp.einsum("bcgin,bcgnk->bcgik", Cg, entering).reshape(b, nc, g, q, r, p)
+    y_off = y_off * jnp.exp(cs).transpose(0, 1, 2, 4, 3)[..., None]
+    y = y_diag.transpose(0, 1, 4, 2, 3, 5) + y_off.transpose(0, 1, 3, 2, 4, 5)
+    y = y.reshape(b, nc * q, h, p)[:, :l]
     if D is not None:
         y = y + D.astype(f32)[:, None] * x.astype(f32)
-    return y, final.reshape(b, h, p, n)
+    return y, final.reshape(b, g, n, r, p).transpose(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):
