@@ -1,8 +1,9 @@
 """CPU throughput: nemojax vs HF transformers' NemotronH (PyTorch), same weights, one process.
 
-    python experiments/benchmarks/cpu_vs_hf.py [--models dense,moe] [--repeats 7] [--quick]
+    python experiments/benchmarks/cpu_vs_hf.py [--models dense,moe] [--hidden 512] [--repeats 7] [--quick]
 
-For each model (a dense hybrid "M-M-M*-M-" and a Nano-like MoE "MEM*EME"): build a random
+For each model (a dense hybrid "M-M-M*-M-" and a Nano-like MoE "MEM*EME", width --hidden,
+Mamba heads of 64, state 64, vocab 4096, fp32, the MoE on nemojax's default implementation): build a random
 checkpoint with transformers, save it, `nj.load_pretrained` it, check the logits agree, then time
 
   * a training step (forward + backward + AdamW) on [batch, seq] tokens: nemojax = one jitted
@@ -12,13 +13,16 @@ checkpoint with transformers, save it, `nj.load_pretrained` it, check the logits
     both including the prefill of the prompt.
 
 Repeats interleave the two frameworks; each ratio is the median of per-pair ratios (HF time /
-nemojax time), which cancels most of the noise from other processes on a shared machine.
+nemojax time), which cancels most of the noise from other processes on a shared machine. Process
+CPU time (all threads) is reported beside wall time. torch waits passively (OMP_WAIT_POLICY).
 
 Roofline: every weight matmul of the training step (forward, input-gradient and weight-gradient
 shapes) is timed as a plain fp32 GEMM in each framework; attention scores/values and the SSD
 chunk contractions (counted with the formulation's FLOPs, per group for C.B) are added at that
 framework's mean GEMM rate. roofline_time / step_time is the fraction each framework reaches.
-Results go to experiments/benchmarks/results/cpu_vs_hf.json.
+Decode: one step streams every weight but the input embedding, so weight bytes / DRAM read
+bandwidth (a jitted sum over 256 MB) bounds a step from below when the weights exceed the cache.
+Results go to experiments/benchmarks/results/cpu_vs_hf.json (--out).
 """
 
 from __future__ import annotations
@@ -121,16 +125,19 @@ def weight_gemms(hf_cfg: dict, tokens: int) -> list[tuple[str, int, int, int]]:
     d, out = hf_cfg["hidden_size"], []
     for sym in hf_cfg["hybrid_override_pattern"]:
         if sym == "M":
-            h, p, gn = hf_cfg["mamba_num_heads"], hf_cfg["mamba_head_dim"], hf_cfg["n_groups"] * hf_cfg["ssm_state_size"]
+            h, p = hf_cfg["mamba_num_heads"], hf_cfg["mamba_head_dim"]
+            gn = hf_cfg["n_groups"] * hf_cfg["ssm_state_size"]
             out += [("mamba.in_proj", tokens, d, 2 * h * p + 2 * gn + h), ("mamba.out_proj", tokens, h * p, d)]
         elif sym == "-":
             f = hf_cfg["intermediate_size"]
             out += [("mlp.up", tokens, d, f), ("mlp.down", tokens, f, d)]
         elif sym == "*":
-            q, kv = hf_cfg["num_attention_heads"] * hf_cfg["head_dim"], hf_cfg["num_key_value_heads"] * hf_cfg["head_dim"]
+            q = hf_cfg["num_attention_heads"] * hf_cfg["head_dim"]
+            kv = hf_cfg["num_key_value_heads"] * hf_cfg["head_dim"]
             out += [("attn.q", tokens, d, q), ("attn.kv", tokens, d, 2 * kv), ("attn.o", tokens, q, d)]
         elif sym == "E":
-            f, fs, k = hf_cfg["moe_intermediate_size"], hf_cfg["moe_shared_expert_intermediate_size"], hf_cfg["num_experts_per_tok"]
+            f, fs = hf_cfg["moe_intermediate_size"], hf_cfg["moe_shared_expert_intermediate_size"]
+            k = hf_cfg["num_experts_per_tok"]
             out += [("moe.router", tokens, d, hf_cfg["n_routed_experts"]), ("moe.experts.up", tokens * k, d, f),
                     ("moe.experts.down", tokens * k, f, d), ("moe.shared.up", tokens, d, fs),
                     ("moe.shared.down", tokens, fs, d)]
@@ -298,7 +305,8 @@ def bench_model(name: str, args, workdir: Path) -> dict:
                   bandwidth_fraction_nemojax=step_floor_s * decode_steps / decode["nemojax_s"],
                   bandwidth_fraction_hf=step_floor_s * decode_steps / decode["hf_s"])
     print(f"[{name}] decode: HF {decode['hf_tok_per_s']:.0f} tok/s, nemojax {decode['nemojax_tok_per_s']:.0f} "
-          f"tok/s, ratio {decode['ratio']:.2f}x (greedy tokens equal {new_equal:.3f}); weights {decode['weight_mbytes']:.0f} MB "
+          f"tok/s, ratio {decode['ratio']:.2f}x (greedy tokens equal {new_equal:.3f}); "
+          f"weights {decode['weight_mbytes']:.0f} MB "
           f"per step at {gbps:.1f} GB/s -> bandwidth fraction nemojax {decode['bandwidth_fraction_nemojax']:.2f}, "
           f"HF {decode['bandwidth_fraction_hf']:.2f}", flush=True)
 
