@@ -110,7 +110,7 @@ class FfnBlocks:
     block_f: int = 64
     block_d: int = 128
     block_k: int = 64
-    num_warps: int = 4
+    num_warps: int = 8  # the dW kernel holds two fp32 accumulators [bd, bf] + [bf, bd]
     num_stages: int = 2
     interpret: bool = False
 
@@ -242,7 +242,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_relu2_ffn(x, w_up, w_down, *, block_t: int = 64, block_f: int = 64, block_d: int = 128,
-                    block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                    block_k: int = 64, num_warps: int = 8, num_stages: int = 2,
                     interpret: bool | None = None):
     """relu(x @ w_up)^2 @ w_down without biases; x [T, D], w_up [D, F], w_down [F, D].
 

@@ -153,7 +153,7 @@ def tgmm(lhs, dout, group_sizes, *, block_m: int = 128, block_k: int = 64, block
 
 
 def _tgmm_call(lhs, dout, offsets, cfg: GmmConfig, out_dtype, compute_dtype):
-    (m, k), n, g = lhs.shape, dout.shape[1], offsets.shape[0] - 1
+    k, n, g = lhs.shape[1], dout.shape[1], offsets.shape[0] - 1
     kernel = functools.partial(_tgmm_kernel, cfg=cfg, compute_dtype=compute_dtype)
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
                           grid=(g, pl.cdiv(k, cfg.block_k), pl.cdiv(n, cfg.block_n)),
