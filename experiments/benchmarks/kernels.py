@@ -1,7 +1,7 @@
 """Pallas kernels vs their XLA baselines, one process: SSD, grouped matmul (MoE), fused relu^2 FFN.
 
     python experiments/benchmarks/kernels.py [--only ssd,gmm,ffn] [--quick] [--repeats 20]
-        [--mamba-ssm PATH] [--out experiments/benchmarks/results/kernels.json]
+        [--mamba-ssm PATH] [--out PATH]
 
 Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
 - ssd:  Mamba-2 SSD at a Nemotron-H-8B layer (b=4, L=4096, H=128, P=64, G=8, N=128, chunk 128),
@@ -340,8 +340,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per function before timing")
     ap.add_argument("--mamba-ssm", default=None, help="path of a state-spaces/mamba checkout (git-ignored)")
-    ap.add_argument("--out", default=str(ROOT / "experiments/benchmarks/results/kernels.json"))
+    ap.add_argument("--out", default=None, help="JSON results; default experiments/benchmarks/results/"
+                    "kernels.json (kernels_quick.json with --quick, so a smoke run never overwrites GPU numbers)")
     a = ap.parse_args()
+    a.out = a.out or str(ROOT / "experiments/benchmarks/results" / ("kernels_quick.json" if a.quick else "kernels.json"))
     only = a.only.split(",")
     unknown = sorted(set(only) - set(CASES))
     if unknown:
