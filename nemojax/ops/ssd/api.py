@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import jax.numpy as jnp
+
 from nemojax.ops.ssd import reference
 
 IMPLEMENTATIONS = ("xla", "sequential")
@@ -12,7 +14,7 @@ def _default_implementation() -> str:
     return "xla"  # Pallas kernels register here once they exist (GPU only)
 
 
-def _check(x, dt, A, B, C, D, initial_state):
+def _check(x, dt, A, B, C, D, initial_state, seq_idx):
     if x.ndim != 4:
         raise ValueError(f"ssd: x must be [b, l, h, p]; got shape {x.shape}")
     b, l, h, p = x.shape
@@ -28,20 +30,25 @@ def _check(x, dt, A, B, C, D, initial_state):
     if initial_state is not None and initial_state.shape != (b, h, p, B.shape[3]):
         raise ValueError(f"ssd: initial_state must be [b, h, p, n] = {(b, h, p, B.shape[3])}; "
                          f"got {initial_state.shape}")
+    if seq_idx is not None and (seq_idx.shape != (b, l) or not jnp.issubdtype(seq_idx.dtype, jnp.integer)):
+        raise ValueError(f"ssd: seq_idx must be an integer array [b, l] = {(b, l)} or None; "
+                         f"got {seq_idx.dtype} {seq_idx.shape}")
 
 
 def ssd(x, dt, A, B, C, chunk_size=128, D=None, initial_state=None, return_final_state=True,
-        implementation=None):
+        implementation=None, seq_idx=None):
     """Mamba-2 SSD over a whole sequence; returns (y in x's dtype, final_state fp32 [b,h,p,n]),
-    or y alone with `return_final_state=False`. implementation: None | "xla" | "sequential"."""
-    _check(x, dt, A, B, C, D, initial_state)
+    or y alone with `return_final_state=False`.
+    implementation: None | "xla" | "sequential". seq_idx [b, l] ints: packed sequences; the state resets wherever seq_idx
+    changes along a row (initial_state feeds the first sequence, the final state is the last's)."""
+    _check(x, dt, A, B, C, D, initial_state, seq_idx)
     impl = implementation or _default_implementation()
+    if impl == "xla" and chunk_size <= 0:
+        raise ValueError(f"ssd: chunk_size must be > 0; got {chunk_size}")
     if impl == "xla":
-        if chunk_size <= 0:
-            raise ValueError(f"ssd: chunk_size must be > 0; got {chunk_size}")
-        y, final = reference.ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state)
+        y, final = reference.ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     elif impl == "sequential":
-        y, final = reference.ssd_sequential(x, dt, A, B, C, D, initial_state)
+        y, final = reference.ssd_sequential(x, dt, A, B, C, D, initial_state, seq_idx)
     else:
         raise ValueError(f"ssd: implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
     y = y.astype(x.dtype)
