@@ -3,7 +3,8 @@
     python experiments/benchmarks/moe_dispatch.py [--repeats 7] [--quick] [--out PATH]
 
 Shapes: a small one (E=8, top-2) and Nemotron 3 Nano's routing (E=128, top-6, hidden 2688, expert
-width 1856) with the widths scaled down to fit a CPU, each dropless and at capacity factor 1.25.
+width 1856) with the widths scaled down to fit a CPU, and the MoE layers of cpu_vs_hf.py, each
+dropless and at capacity factor 1.25 (C: slots per expert; dropless "batched" picks its own).
 Routing comes from `route` on random router logits (sigmoid, near-uniform load), as in training.
 
 Each case is jitted per implementation, warmed up, then timed in rounds that run every
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {
     "small": (512, 64, 128, 8, 2),
     "nano/16": (1024, 168, 116, 128, 6),  # Nemotron 3 Nano routing, widths 2688 / 1856 divided by 16
+    "hf-bench": (1024, 512, 384, 16, 4),  # the MoE layers of cpu_vs_hf.py
 }
 QUICK_SHAPES = {"small": (256, 32, 64, 8, 2), "nano/32": (256, 84, 58, 128, 6)}
 
@@ -104,10 +106,10 @@ def main():
             for mode in ("fwd", "fwd+bwd"):
                 r = bench_case(args, IMPLEMENTATIONS, cf, mode, repeats)
                 results["cases"].append({"shape": name, "T": t, "D": d, "F": f, "E": e, "K": k,
-                                         "capacity_factor": cf, "capacity": capacity(t, k, e, cf), "mode": mode,
+                                         "capacity_factor": cf, "capacity": capacity(t, k, e, cf) if cf else None, "mode": mode,
                                          "results": r})
                 cells = " | ".join(f"{r[i]['ms']:8.2f} ms {r[i]['vs_ragged']:5.2f}x" for i in IMPLEMENTATIONS)
-                print(f"{name:>8} {f'{t},{d},{f},{e},{k}':>22} {str(cf):>5} {capacity(t, k, e, cf):>5} {mode:>8} | "
+                print(f"{name:>8} {f'{t},{d},{f},{e},{k}':>22} {str(cf):>5} {capacity(t, k, e, cf) if cf else '-':>5} {mode:>8} | "
                       f"{cells}", flush=True)
     results["default_now"] = default_implementation()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,22 @@ def test_implementations_agree_forward_and_gradients(factor):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("busiest", [10, 11, 16, 17, 32])
+def test_dropless_batched_bucket_edges(busiest):
+    """T=32, K=2, E=8: the dropless buffer holds 10, 16 or 32 tokens per expert (mean load 8). Expert 0
+    takes exactly `busiest` tokens; one too many for the chosen bucket would spill into the next
+    expert's rows, so both sides of each edge are checked, forward and gradients, against the loop."""
+    x, w, _, up, down = problem(8, t=32, e=8)
+    first = np.where(np.arange(32) < busiest, 0, 1 + np.arange(32) % 7)
+    second = 1 + (first + np.arange(32) % 6) % 7  # never 0, never equal to `first`
+    idx = jnp.asarray(np.stack([first, second], axis=1), jnp.int32)
+    assert np.bincount(np.asarray(idx).ravel()).max() == busiest
+    y = ffn(x, w, idx, up, down, implementation="batched")
+    np.testing.assert_allclose(y, loop_experts(x, w, idx, up, down), rtol=1e-4, atol=1e-4)
+    loss = lambda impl: jax.grad(lambda up: jnp.sum(jnp.sin(moe_ffn(x, w, idx, up, down, implementation=impl))))
+    np.testing.assert_allclose(jax.jit(loss("batched"))(up), jax.jit(loss("dense"))(up), rtol=1e-4, atol=1e-5)
+
+
 def test_everything_to_one_expert():
     x, w, _, up, down = problem(7, t=12)
     idx = jnp.stack([jnp.zeros(12, jnp.int32), jnp.ones(12, jnp.int32)], axis=1)

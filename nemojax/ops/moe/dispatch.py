@@ -4,8 +4,11 @@ Three implementations of the same math, chosen by `implementation=`:
 - "dense":   every expert on every token, combined through a one-hot gate (tiny models; the oracle);
 - "ragged":  sort assignments by expert + grouped matmul (`jax.lax.ragged_dot`) + unsort;
 - "batched": assignments gathered into a per-expert buffer [E, C, D], one batched einsum with the
-             [E, D, F] weights, gathered back. Dropless it needs C = T slots per expert (any expert
-             may receive every token), i.e. the FLOPs of "dense"; it pays off with a capacity factor.
+             [E, D, F] weights, gathered back. Dropless, C must hold the busiest expert's count,
+             which is only known at run time: C is the smallest of a few static buckets
+             (`DROPLESS_BUCKETS` times the mean load T*K/E, then T) that fits, picked by
+             `lax.switch`, which runs only the chosen branch. Balanced routing pays about 1.25x
+             the exact FLOPs; a fully collapsed router pays E/K x, the FLOPs of "dense".
 
 Capacity (optional, static shapes): each expert keeps at most C = ceil(capacity_factor * T * K / E)
 assignments (clipped to [1, T]), counted over all T tokens of the call. The drop rule is by position:
@@ -37,6 +40,11 @@ DEFAULT = {"cpu": "batched"}
 
 def default_implementation(backend: str | None = None) -> str:
     return DEFAULT.get(backend or jax.default_backend(), "ragged")
+
+
+# Dropless "batched" capacity buckets, in units of the mean load T*K/E (T itself is the last one).
+# Under sigmoid routing with the correction bias, the busiest expert stays within ~1.2x the mean.
+DROPLESS_BUCKETS = (1.25, 2.0)
 
 
 def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int:
@@ -105,6 +113,17 @@ def _batched(x, weights, indices, w_up, w_down, kept, slot, cap):
     return _combine(y_buf.reshape(e * cap, -1), row, weights)
 
 
+def _batched_dropless(x, weights, indices, w_up, w_down, slot):
+    t, k = indices.shape
+    e = w_up.shape[0]
+    caps = sorted({capacity(t, k, e, f) for f in DROPLESS_BUCKETS} | {t})
+    busiest = jnp.max(slot) + 1  # the largest arrival rank is the busiest expert's count
+    bucket = jnp.sum(busiest > jnp.array(caps[:-1]))
+    kept = jnp.ones((t, k), bool)
+    branches = [lambda ops, c=c: _batched(*ops, kept, slot, c) for c in caps]
+    return jax.lax.switch(bucket, branches, (x, weights, indices, w_up, w_down))
+
+
 def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = None,
             capacity_factor: float | None = None, return_stats: bool = False):
     """y_t = sum_k weights[t,k] * relu2(x_t @ w_up[e]) @ w_down[e], e = indices[t,k], over the kept
@@ -135,11 +154,17 @@ def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = N
         y = _dense(x, jnp.where(kept, weights, 0.0), indices, w_up, w_down)
     elif impl == "ragged":
         y = _ragged(x, weights, indices, w_up, w_down, kept, cap)
-    else:
+    elif capacity_factor is not None:
         y = _batched(x, weights, indices, w_up, w_down, kept, slot, cap)
+    else:
+        y = _batched_dropless(x, weights, indices, w_up, w_down, slot)
     y = y.astype(x.dtype)
     if not return_stats:
         return y
-    counts = jnp.bincount(indices.reshape(-1), length=e).astype(jnp.float32)
-    stats = {"counts": counts, "load": counts / (t * k), "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32))}
-    return y, stats
+    return y, routing_stats(indices, e, 1.0 - jnp.mean(kept.astype(jnp.float32)))
+
+
+def routing_stats(indices, num_experts: int, dropped_fraction) -> dict:
+    """The stats `moe_ffn(..., return_stats=True)` returns, for the routing `indices` [T, K]."""
+    counts = jnp.bincount(indices.reshape(-1), length=num_experts).astype(jnp.float32)
+    return {"counts": counts, "load": counts / indices.size, "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32)}
