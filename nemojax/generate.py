@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax.nn.ffn import inference_copy
 from nemojax.nn.model import HybridLM
 
 
@@ -71,6 +72,6 @@ def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: flo
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p, key)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(inference_copy(model))
     return _generate(graphdef, state, tokens, jax.random.key(0) if key is None else key,
                      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p)

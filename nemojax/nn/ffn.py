@@ -9,7 +9,9 @@ from flax import nnx
 from nemojax.config import MLPSpec, MoESpec
 from nemojax.nn.layers import Linear, RouterBias
 from nemojax.ops.ffn import relu2_ffn
-from nemojax.ops.moe import IMPLEMENTATIONS, moe_ffn, route, router_z_loss, seq_aux_loss, update_correction_bias
+from nemojax.ops.moe import (IMPLEMENTATIONS, moe_ffn, route, router_z_loss, routing_stats, seq_aux_loss,
+                             update_correction_bias)
+from nemojax.ops.moe.expert_parallel import moe_ffn_expert_parallel
 
 
 class MLP(nnx.Module):
@@ -36,7 +38,9 @@ class MoE(nnx.Module):
     the routed experts live entirely in the latent width between the two projections.
 
     Training attributes, set after construction (`configure_moe`): `implementation` and
-    `capacity_factor` (see `moe_ffn`; the shared expert always applies), and `collect_stats`, which
+    `capacity_factor` (see `moe_ffn`; the shared expert always applies), `expert_mesh`, a mesh whose
+    "expert" axis splits the routed experts (`moe_ffn_expert_parallel`: all-to-all dispatch over the
+    mesh instead of a compiler-partitioned `moe_ffn`), and `collect_stats`, which
     makes each call append {"counts", "load", "dropped_fraction", "aux_loss" (unscaled seq aux loss,
     one sequence per row of a [B, L, D] input, a [T, D] input is one sequence), "z_loss"} to the
     `moe_stats` Intermediate that `pop_moe_stats` reads and removes.
@@ -46,6 +50,7 @@ class MoE(nnx.Module):
                  implementation: str | None = None):
         self.spec, self.implementation = spec, implementation
         self.capacity_factor: float | None = None  # None: dropless
+        self.expert_mesh = None  # a jax.sharding.Mesh with an "expert" axis: expert parallelism
         self.collect_stats = False  # training: record per-layer routing stats (see `pop_moe_stats`)
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
@@ -71,8 +76,16 @@ class MoE(nnx.Module):
                                  n_group=s.n_group, topk_group=s.topk_group, norm_topk_prob=s.norm_topk_prob,
                                  routed_scaling_factor=s.routed_scaling_factor)
         h = x_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(x_TD)
-        out = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...], implementation=self.implementation,
-                      capacity_factor=self.capacity_factor, return_stats=self.collect_stats)
+        if self.expert_mesh is None:
+            out = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...],
+                          implementation=self.implementation, capacity_factor=self.capacity_factor,
+                          return_stats=self.collect_stats)
+        else:
+            out = moe_ffn_expert_parallel(h, weights, indices, self.up_proj[...], self.down_proj[...],
+                                          mesh=self.expert_mesh, capacity_factor=self.capacity_factor,
+                                          return_dropped=self.collect_stats)
+            if self.collect_stats:
+                out = (out[0], routing_stats(indices, s.num_experts, out[1]))
         if self.collect_stats:
             y, stats = out
             seqs = x.shape[0] if x.ndim == 3 else 1  # [T, D] input: one sequence
@@ -98,21 +111,37 @@ def _moe_modules(model: nnx.Module):
 
 
 def configure_moe(model: nnx.Module, *, implementation: str | None = None, capacity_factor: float | None = None,
-                  collect_stats: bool | None = None) -> None:
-    """Sets the dispatch `implementation` (see `moe_ffn`), `capacity_factor` (None: dropless) and,
-    unless `collect_stats` is None, stats collection of every MoE layer (main layers and MTP).
+                  collect_stats: bool | None = None, expert_mesh=None) -> None:
+    """Sets the dispatch `implementation` (see `moe_ffn`), `capacity_factor` (None: dropless),
+    `expert_mesh` (None, or a mesh with an "expert" axis of size > 1: expert parallelism; the
+    experts and the B * L tokens of a call must divide evenly over it) and, unless `collect_stats`
+    is None, stats collection of every MoE layer (main layers and MTP).
 
     Collect stats for training only: sowing mutates the module, which generation's decode loop (a
-    `lax.scan` over a model merged outside it) does not allow, so turn it off before `generate`."""
+    `lax.scan` over a model merged outside it) does not allow; `generate` runs on an
+    `inference_copy`, which has collection off."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"configure_moe: implementation must be one of {IMPLEMENTATIONS} or None; "
                          f"got {implementation!r}")
     if capacity_factor is not None and not capacity_factor > 0:
         raise ValueError(f"configure_moe: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
+    if expert_mesh is not None and expert_mesh.shape.get("expert", 1) <= 1:
+        raise ValueError(f"configure_moe: expert_mesh must have an 'expert' axis of size > 1; got "
+                         f"{dict(expert_mesh.shape)}")
     for _, m in _moe_modules(model):
-        m.implementation, m.capacity_factor = implementation, capacity_factor
+        m.implementation, m.capacity_factor, m.expert_mesh = implementation, capacity_factor, expert_mesh
         if collect_stats is not None:
             m.collect_stats = collect_stats
+
+
+def inference_copy(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` that shares its arrays, with every MoE layer dropless, on one device's
+    dispatch (no expert mesh) and not collecting stats: what generation's decode loop needs. The
+    original keeps its training setup."""
+    copy = nnx.merge(*nnx.split(model))
+    for _, m in _moe_modules(copy):
+        m.capacity_factor, m.expert_mesh, m.collect_stats = None, None, False
+    return copy
 
 
 def pop_moe_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:

@@ -72,15 +72,17 @@ def make_dataset(tc: TrainConfig, split: str = "train"):
     return data_mod.make_dataset(tc.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, **opts)
 
 
-def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None) -> HybridLM:
-    """The preset's model (or `model_config`'s, which overrides the preset), set up for training."""
+def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None, mesh=None) -> HybridLM:
+    """The preset's model (or `model_config`'s, which overrides the preset), set up for training; on a
+    `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch)."""
     cfg = model_config or cfg_mod.get(tc.preset)
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"model {cfg.name or tc.preset!r} has vocab_size {cfg.vocab_size} < the dataset's "
                          f"{vocab_size}; pick a model with a larger vocabulary or a dataset with a smaller one")
     model = HybridLM(cfg, rngs=nnx.Rngs(tc.seed))
+    expert_parallel = mesh is not None and mesh.shape["expert"] > 1
     configure_moe(model, implementation=tc.moe_implementation, capacity_factor=tc.capacity_factor,
-                  collect_stats=True)
+                  collect_stats=True, expert_mesh=mesh if expert_parallel else None)
     return model
 
 
@@ -204,7 +206,6 @@ def sample_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, 
 
     if not prompt:
         raise ValueError("prompt must be non-empty")
-    configure_moe(model, collect_stats=False)  # inference: dropless, no stats
     ids = ds.tokenizer.encode(prompt)[None].astype(np.int32)
     out = generate(model, ids, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k,
                    key=jax.random.key(seed))
@@ -262,9 +263,9 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     (out / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
 
     ds, ds_eval = make_dataset(tc), make_dataset(tc, "validation")
-    model = build_model(tc, ds.vocab_size, model_config)
-    graphdef, tx, state = init_state(tc, model)
     mesh = make_train_mesh(tc)
+    model = build_model(tc, ds.vocab_size, model_config, mesh)
+    graphdef, tx, state = init_state(tc, model)
     if mesh is None:
         grad_shardings, to_device = None, lambda b: jax.tree.map(jnp.asarray, b)
     else:

@@ -179,7 +179,11 @@ def test_generate_and_hf_io_after_collecting_stats(tmp_path):
     assert original.keys() == reloaded.keys()
     for key, var in original.items():
         np.testing.assert_array_equal(reloaded[key].get_value(), var.get_value())
-    configure_moe(model, collect_stats=False)  # generation needs collection off (see configure_moe)
-    out = nj.generate(model, tokens, max_new_tokens=3)  # runs with the stale stats in the split state
-    assert out.shape == (1, 9)
+    configure_moe(model, capacity_factor=0.5, collect_stats=True)  # a training setup, left on
+    out = nj.generate(model, tokens, max_new_tokens=3)  # runs on a dropless, stat-free copy
+    ref = tokens
+    for _ in range(3):  # greedy by hand, on a model configured for inference
+        ref = jnp.concatenate([ref, jnp.argmax(loaded(ref)[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ref)
+    assert [m.capacity_factor for _, m in nnx.iter_modules(model) if isinstance(m, MoE)] == [0.5, 0.5]  # the caller's setup is kept
     assert set(pop_moe_stats(model)) == set(MOE_LAYERS["tiny-moe"])

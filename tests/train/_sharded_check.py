@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
 import math  # noqa: E402
+import tempfile  # noqa: E402
 from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
@@ -98,24 +99,51 @@ def step_check(problem, mesh_shape) -> dict:
 
 
 def ep_in_model_check(problem, mesh_shape) -> dict:
-    """The whole tiny-moe step with every MoE layer's experts run by moe_ffn_expert_parallel."""
+    """The whole tiny-moe step with the model's MoE layers set to expert parallelism by
+    `configure_moe(expert_mesh=...)`; counts the calls that reach moe_ffn_expert_parallel."""
     graphdef, params, rest, batch, _, loss_ref, grads_ref = problem
     mesh = sh.make_mesh(*mesh_shape)
+    model = nnx.merge(graphdef, params, rest)
+    ffn_module.configure_moe(model, expert_mesh=mesh)
+    ep_graphdef = nnx.split(model, nnx.Param, ...)[0]
     calls = []
+    original = ffn_module.moe_ffn_expert_parallel
 
-    def ep(x, weights, indices, w_up, w_down, **_):
-        calls.append(x.shape)
-        return moe_ffn_expert_parallel(x, weights, indices, w_up, w_down, mesh=mesh)
+    def counted(*args, **kw):
+        calls.append(kw["mesh"].shape["expert"])
+        return original(*args, **kw)
 
-    original, ffn_module.moe_ffn = ffn_module.moe_ffn, ep
+    ffn_module.moe_ffn_expert_parallel = counted
     try:
-        fresh = jax.value_and_grad(partial(masked_ce, graphdef))  # a new function: no cached trace
-        loss, grads = jax.jit(fresh)(sh.shard_state(params, mesh), sh.shard_state(rest, mesh),
-                                  jax.device_put(batch, sh.batch_sharding(mesh)))
+        loss, grads = jax.jit(jax.value_and_grad(partial(masked_ce, ep_graphdef)))(
+            sh.shard_state(params, mesh), sh.shard_state(rest, mesh), jax.device_put(batch, sh.batch_sharding(mesh)))
     finally:
-        ffn_module.moe_ffn = original
+        ffn_module.moe_ffn_expert_parallel = original
     return {"ep_calls": len(calls), "loss_err": abs(float(loss) - float(loss_ref)) / abs(float(loss_ref)),
             "grad_err": rel_err(grads, grads_ref)}
+
+
+def trainer_check(tmp: str) -> dict:
+    """`nemojax.train` on tiny-moe, 4 steps, with --mesh data=2,fsdp=2,expert=2 (expert parallel MoE,
+    FSDP) against --mesh data=8 (data parallel only): the per-step losses and router loads agree."""
+    from nemojax.train import TrainConfig, train
+    from nemojax.train.metrics import read_metrics
+
+    runs, calls = {}, []
+    original = ffn_module.moe_ffn_expert_parallel
+    ffn_module.moe_ffn_expert_parallel = lambda *a, **kw: calls.append(kw["mesh"].shape["expert"]) or original(*a, **kw)
+    try:
+        for mesh in ("data=8", "data=2,fsdp=2,expert=2"):
+            tc = TrainConfig(preset="tiny-moe", data="mqar", seq_len=32, batch_size=8, steps=4, warmup_steps=1,
+                             log_every=1, eval_every=4, save_every=4, eval_batches=1, mesh=mesh, out_dir=f"{tmp}/{mesh}")
+            train(tc, quiet=True)
+            runs[mesh] = [r for r in read_metrics(f"{tmp}/{mesh}/metrics.jsonl") if "loss" in r]
+    finally:
+        ffn_module.moe_ffn_expert_parallel = original
+    dp, ep = runs.values()
+    load_keys = [k for k in dp[-1] if "load" in k]
+    return {"steps": len(ep), "ep_traces": len(calls), "losses": [r["loss"] for r in ep], "loss_err": max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(dp, ep)),
+            "load_keys": len(load_keys), "load_err": max(abs(dp[-1][k] - ep[-1][k]) for k in load_keys)}
 
 
 # ---------------------------------------------------------------------------- expert parallel
@@ -207,6 +235,8 @@ def main(slow: bool) -> dict:
             problems[preset] = make_problem(preset)
         results[f"step_{preset}_{mesh_name(mesh_shape)}"] = step_check(problems[preset], mesh_shape)
     results["ep_in_model_tiny-moe_2x2x2"] = ep_in_model_check(problems["tiny-moe"], (2, 2, 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        results["trainer_tiny-moe_ep"] = trainer_check(tmp)
     return results
 
 

@@ -194,8 +194,14 @@ def test_expert_parallel_drop_rule_matches_token_loop(multi):
 
 def test_expert_parallel_inside_the_model(multi):
     r = multi["ep_in_model_tiny-moe_2x2x2"]
-    assert r["ep_calls"] == 2  # both MoE layers of tiny-moe went through the all-to-all path
+    assert r["ep_calls"] == 2  # configure_moe(expert_mesh=) sent both MoE layers through the all-to-all path
     assert r["loss_err"] < 1e-6 and r["grad_err"] < 1e-5
+
+
+def test_trainer_expert_parallel_mesh_matches_data_parallel(multi):
+    r = multi["trainer_tiny-moe_ep"]
+    assert r["steps"] == 4 and r["load_keys"] > 0 and r["ep_traces"] > 0  # the EP run did go through it
+    assert r["loss_err"] < 1e-5 and r["load_err"] < 1e-6, r
 
 
 @pytest.mark.slow
