@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nemojax.ops.ssd import reference
+from nemojax.ops.ssd import pallas_triton, reference
 
-IMPLEMENTATIONS = ("xla", "sequential")
+IMPLEMENTATIONS = ("xla", "pallas", "sequential")
 
 
 def _default_implementation() -> str:
-    return "xla"  # Pallas kernels register here once they exist (GPU only)
+    # "xla" on every backend: on a CPU "pallas" only runs in interpret mode, and on a GPU the
+    # Pallas kernels stay opt-in until they are measured faster there
+    # (experiments/benchmarks/kernels.py, recorded in experiments/benchmarks/RESULTS.md).
+    return "xla"
 
 
 def _check(x, dt, A, B, C, D, initial_state, seq_idx):
@@ -39,14 +42,17 @@ def ssd(x, dt, A, B, C, chunk_size=128, D=None, initial_state=None, return_final
         implementation=None, seq_idx=None):
     """Mamba-2 SSD over a whole sequence; returns (y in x's dtype, final_state fp32 [b,h,p,n]),
     or y alone with `return_final_state=False`.
-    implementation: None | "xla" | "sequential". seq_idx [b, l] ints: packed sequences; the state resets wherever seq_idx
+    implementation: None | "xla" | "pallas" (chunk_size a power of two; interpret mode on a CPU)
+    | "sequential". seq_idx [b, l] ints: packed sequences; the state resets wherever seq_idx
     changes along a row (initial_state feeds the first sequence, the final state is the last's)."""
     _check(x, dt, A, B, C, D, initial_state, seq_idx)
     impl = implementation or _default_implementation()
-    if impl == "xla" and chunk_size <= 0:
+    if impl in ("xla", "pallas") and chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be > 0; got {chunk_size}")
     if impl == "xla":
         y, final = reference.ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
+    elif impl == "pallas":
+        y, final = pallas_triton.ssd_pallas(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     elif impl == "sequential":
         y, final = reference.ssd_sequential(x, dt, A, B, C, D, initial_state, seq_idx)
     else:
