@@ -8,7 +8,7 @@ from flax import nnx
 
 from nemojax.config import MLPSpec, MoESpec
 from nemojax.nn.layers import Linear, RouterBias
-from nemojax.ops.ffn import relu2_ffn
+from nemojax.ops.ffn import ffn
 from nemojax.ops.moe import (IMPLEMENTATIONS, moe_ffn, route, router_z_loss, routing_stats, seq_aux_loss,
                              update_correction_bias)
 from nemojax.ops.moe.expert_parallel import moe_ffn_expert_parallel
@@ -18,6 +18,7 @@ class MLP(nnx.Module):
     def __init__(self, hidden: int, intermediate: int, *, bias: bool = False, out_std: float, dtype,
                  rngs: nnx.Rngs):
         self.up_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.implementation: str | None = None  # `ops.ffn.ffn`'s switch: None | "xla" | "pallas"
         self.down_proj = Linear(intermediate, hidden, bias=bias, std=out_std, dtype=dtype, rngs=rngs)
 
     @classmethod
@@ -26,8 +27,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x, cache=None):
         up, down = self.up_proj, self.down_proj
-        y = relu2_ffn(x, up.kernel[...], down.kernel[...],
-                      None if up.bias is None else up.bias[...], None if down.bias is None else down.bias[...])
+        y = ffn(x, up.kernel[...], down.kernel[...], None if up.bias is None else up.bias[...],
+                None if down.bias is None else down.bias[...], implementation=self.implementation)
         return y, cache
 
 

@@ -121,7 +121,7 @@ def test_slot_in_expert_is_arrival_order():
 
 
 @pytest.mark.parametrize("impl,factor", [("dense", 0.5), ("ragged", 0.5), ("ragged", 1.5), ("batched", 1.0),
-                                         ("batched", 1.5)])
+                                         ("batched", 1.5), ("pallas", 0.5)])
 def test_capacity_drops_exactly_the_late_assignments(impl, factor):
     x, w, idx, up, down = problem(5, t=32, e=6, empty=(4,))
     cap = capacity(32, 2, 6, factor)
@@ -156,7 +156,7 @@ def test_implementations_agree_forward_and_gradients(factor):
         return jnp.sum(jnp.sin(moe_ffn(x, w, idx, up, down, implementation=impl, capacity_factor=factor)))
 
     ref = jax.jit(jax.value_and_grad(partial(loss, "dense"), argnums=(0, 1, 2, 3)))(x, w, up, down)
-    for impl in ("ragged", "batched"):
+    for impl in ("ragged", "batched", "pallas"):
         out = jax.jit(jax.value_and_grad(partial(loss, impl), argnums=(0, 1, 2, 3)))(x, w, up, down)
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

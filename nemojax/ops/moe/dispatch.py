@@ -3,6 +3,8 @@
 Three implementations of the same math, chosen by `implementation=`:
 - "dense":   every expert on every token, combined through a one-hot gate (tiny models; the oracle);
 - "ragged":  sort assignments by expert + grouped matmul (`jax.lax.ragged_dot`) + unsort;
+- "pallas":  "ragged" with the grouped matmul done by the Pallas kernel `pallas_gmm.gmm` (GPU; CPU
+             runs it in interpret mode, for tests only);
 - "batched": assignments gathered into a per-expert buffer [E, C, D], one batched einsum with the
              [E, D, F] weights, gathered back. Dropless, C must hold the busiest expert's count,
              which is only known at run time: C is the smallest of a few static buckets
@@ -28,8 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.ops.ffn import relu2
+from nemojax.ops.moe.pallas_gmm import gmm
 
-IMPLEMENTATIONS = ("dense", "ragged", "batched")
+IMPLEMENTATIONS = ("dense", "ragged", "batched", "pallas")
 # implementation=None: the fastest fwd+bwd path measured by experiments/benchmarks/moe_dispatch.py
 # (experiments/benchmarks/RESULTS.md). On CPU, ragged_dot is lowered to a masked dense dot over all
 # E groups (K times the FLOPs of "dense"), so "batched" wins, dropless (tied with "dense" at E=128)
@@ -79,7 +82,7 @@ def _combine(y_rows, row, weights):
     return jnp.einsum("tkd,tk->td", y_assign.reshape(t, k, -1), weights.astype(jnp.float32))
 
 
-def _ragged(x, weights, indices, w_up, w_down, kept, cap):
+def _ragged(x, weights, indices, w_up, w_down, kept, cap, grouped_dot=jax.lax.ragged_dot):
     t, k = indices.shape
     e = w_up.shape[0]
     # Dropped assignments get key E: they sort after every kept one, past the last group.
@@ -92,9 +95,9 @@ def _ragged(x, weights, indices, w_up, w_down, kept, cap):
     # ragged_dot leaves rows past the last group unspecified; zero them so that neither they nor
     # their gradients reach anything.
     filled = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
-    pre = jax.lax.ragged_dot(xs, w_up, group_sizes, preferred_element_type=jnp.float32)
+    pre = grouped_dot(xs, w_up, group_sizes, preferred_element_type=jnp.float32)
     h = relu2(jnp.where(filled, pre, 0.0)).astype(x.dtype)
-    ys = jnp.where(filled, jax.lax.ragged_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
+    ys = jnp.where(filled, grouped_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
     # each assignment's sorted row; dropped ones land past the filled rows (zero) or at `rows` (fill)
     row = jnp.full((t * k,), rows, jnp.int32).at[order].set(jnp.arange(rows, dtype=jnp.int32))
     return _combine(ys, row, weights)
@@ -131,7 +134,7 @@ def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = N
 
     x [T, Din]; weights, indices [T, K]; w_up [E, Din, F]; w_down [E, F, Din]. Matmuls and the
     weighted sum accumulate in fp32; the result has x's dtype. implementation: "dense" | "ragged" |
-    "batched" | None (the backend's measured default, `default_implementation`). capacity_factor:
+    "batched" | "pallas" | None (the backend's measured default, `default_implementation`). capacity_factor:
     None (dropless) or > 0. With `return_stats`, returns (y, stats), all fp32: "counts" [E], the
     assignments routed to each expert (before dropping; exact integers), "load" [E] = counts / (T*K),
     and "dropped_fraction", the fraction of the T*K assignments dropped by capacity.
@@ -154,6 +157,8 @@ def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = N
         y = _dense(x, jnp.where(kept, weights, 0.0), indices, w_up, w_down)
     elif impl == "ragged":
         y = _ragged(x, weights, indices, w_up, w_down, kept, cap)
+    elif impl == "pallas":
+        y = _ragged(x, weights, indices, w_up, w_down, kept, cap, grouped_dot=gmm)
     elif capacity_factor is not None:
         y = _batched(x, weights, indices, w_up, w_down, kept, slot, cap)
     else:
