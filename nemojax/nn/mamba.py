@@ -20,6 +20,7 @@ class Mamba2Mixer(nnx.Module):
 
     def __init__(self, spec: MambaSpec, hidden: int, *, eps: float, out_std: float, dtype, rngs: nnx.Rngs):
         self.spec, self.eps = spec, eps
+        self.implementation: str | None = None  # `ops.ssd.ssd`'s switch: None | "xla" | "pallas" | "sequential"
         h, k = spec.num_heads, spec.conv_kernel
         self.in_proj = Linear(hidden, spec.d_inner + spec.conv_dim + h, bias=spec.proj_bias, dtype=dtype, rngs=rngs)
         bound = 1.0 / math.sqrt(k)  # torch Conv1d's default fan-in bound for a depthwise kernel
@@ -60,7 +61,8 @@ class Mamba2Mixer(nnx.Module):
             y = y[:, None]
         else:
             init = None if cache is None else cache["ssm"].astype(jnp.float32)
-            y, state = ssd.ssd(x, dt, A, B, C, chunk_size=s.chunk_size, D=D, initial_state=init)
+            y, state = ssd.ssd(x, dt, A, B, C, chunk_size=s.chunk_size, D=D, initial_state=init,
+                               implementation=self.implementation)
         y = gated_rms_norm(y.reshape(b, l, s.d_inner), z, self.norm_weight[...],
                            group_size=s.d_inner // s.n_groups, eps=self.eps)
         new_cache = None if cache is None else {"conv": conv_state, "ssm": state.astype(cache["ssm"].dtype)}

@@ -13,6 +13,7 @@ from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
 from nemojax.nn.layers import Linear, RMSNorm, dense
 from nemojax.nn.mamba import Mamba2Mixer
+from nemojax.ops import ffn as ffn_ops, moe as moe_ops, ssd as ssd_ops
 
 
 def make_mixer(spec: LayerSpec, cfg: ModelConfig, *, out_std: float, dtype, rngs: nnx.Rngs):
@@ -171,3 +172,22 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         routed = isinstance(spec, MoESpec) and path[2:] in (("mixer", "up_proj"), ("mixer", "down_proj"))
         counts["active"] += n * spec.top_k // spec.num_experts if routed else n
     return counts
+
+
+def configure_kernels(model: nnx.Module, *, ssd: str | None = None, ffn: str | None = None,
+                      moe: str | None = None) -> None:
+    """Sets the `implementation=` every layer of `model` passes to its op: `ssd` for the Mamba
+    mixers (`ops.ssd.ssd`), `ffn` for the dense MLPs and shared experts (`ops.ffn.ffn`), `moe` for
+    the routed experts (`ops.moe.moe_ffn`; `nn.ffn.configure_moe` sets it too, with the training
+    options). None: each op's measured default for the backend."""
+    for field, value, allowed in (("ssd", ssd, ssd_ops.IMPLEMENTATIONS), ("ffn", ffn, ffn_ops.IMPLEMENTATIONS),
+                                  ("moe", moe, moe_ops.IMPLEMENTATIONS)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"configure_kernels: {field} must be None or one of {allowed}; got {value!r}")
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, Mamba2Mixer):
+            m.implementation = ssd
+        elif isinstance(m, MLP):
+            m.implementation = ffn
+        elif isinstance(m, MoE):
+            m.implementation = moe
