@@ -1,12 +1,14 @@
 """MQAR ablation: Mamba-only vs attention-only vs hybrid vs hybrid-MoE at matched parameter counts,
 over sequence lengths and numbers of key-value pairs (the Zoology recall benchmark).
 
-    python experiments/mqar_ablation.py                 # L in {64, 128} x kv in {4, 16}: ~40 min on 2 CPU cores
-    python experiments/mqar_ablation.py --quick         # L = 64, kv = 4 only: ~8 min
+    python experiments/mqar_ablation.py                 # L in {64, 128} x kv in {4, 16}, seeds 0 and 1
+    python experiments/mqar_ablation.py --quick         # L = 64, kv = 4, one seed, 500 steps: ~5 min
 
-Every run is an ordinary `nemojax.train` run directory under --runs (interrupt and re-run: finished
+The default sweep is 32 runs of 2000 steps: about 2 hours on 2 CPU cores. Every run is an ordinary
+`nemojax.train` run directory under --runs/steps{S}_vocab{V}_lr{LR} (interrupt and re-run: finished
 runs are read back, an unfinished one resumes from its checkpoint). Writes
-experiments/results/mqar_ablation.json (table) and mqar_ablation.png.
+experiments/results/mqar_ablation.json (every run, and the mean / min / max over seeds per cell)
+and mqar_ablation.png (the mean, with the seed range as error bars).
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ def model_config(arch: str, vocab: int):
                         attention=ATTN, mlp=MLP, moe=MOE)
 
 
-def run_one(arch, seq_len, kv, args):
+def run_one(arch, seq_len, kv, seed, args):
     tc = TrainConfig(preset="tiny-hybrid", data="mqar", data_options={"num_kv_pairs": kv, "vocab_size": args.vocab},
                      seq_len=seq_len, batch_size=args.batch, steps=args.steps, lr=args.lr,
                      warmup_steps=args.steps // 10, weight_decay=0.0, eval_every=args.steps, save_every=args.steps,
-                     eval_batches=4, log_every=max(args.steps // 20, 1), out_dir=str(args.runs / f"{arch}_L{seq_len}_kv{kv}"),
-                     seed=args.seed)
+                     eval_batches=4, log_every=max(args.steps // 20, 1), out_dir=str(args.runs / f"steps{args.steps}_vocab{args.vocab}_lr{args.lr:g}"
+                                 / f"{arch}_L{seq_len}_kv{kv}_seed{seed}"), seed=seed)
     summary = Path(tc.out_dir) / "summary.json"
     if summary.exists() and "final_eval" in json.loads(summary.read_text()):
         return json.loads(summary.read_text())
@@ -51,6 +53,15 @@ def run_one(arch, seq_len, kv, args):
     if s["interrupted"]:  # train() saved and returned; end the sweep too (re-run to continue)
         raise SystemExit(f"interrupted by {s['interrupted']} during {tc.out_dir}; re-run to resume")
     return s
+
+
+def cells(rows):
+    """Mean / min / max accuracy over seeds for each (arch, L, kv)."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["arch"], r["seq_len"], r["num_kv_pairs"]), []).append(r["accuracy"])
+    return [{"arch": a, "seq_len": L, "num_kv_pairs": kv, "seeds": len(acc), "accuracy_mean": sum(acc) / len(acc),
+             "accuracy_min": min(acc), "accuracy_max": max(acc)} for (a, L, kv), acc in out.items()]
 
 
 def plot(rows, grid_lengths, path):
@@ -62,9 +73,12 @@ def plot(rows, grid_lengths, path):
     fig, axes = plt.subplots(1, len(grid_lengths), figsize=(4.2 * len(grid_lengths), 3.6), squeeze=False)
     for ax, L in zip(axes[0], grid_lengths):
         for arch in ARCHS:
-            pts = sorted((r["num_kv_pairs"], r["accuracy"]) for r in rows if r["arch"] == arch and r["seq_len"] == L)
+            pts = sorted((c["num_kv_pairs"], c["accuracy_mean"], c["accuracy_mean"] - c["accuracy_min"],
+                          c["accuracy_max"] - c["accuracy_mean"])
+                         for c in cells(rows) if c["arch"] == arch and c["seq_len"] == L)
             if pts:
-                ax.plot(*zip(*pts), "o-", label=arch)
+                kv, mean, lo, hi = zip(*pts)
+                ax.errorbar(kv, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=arch)
         ax.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", title=f"MQAR, L = {L}", ylim=(0, 1.02))
         ax.grid(alpha=0.3)
     axes[0][0].legend()
@@ -75,37 +89,40 @@ def plot(rows, grid_lengths, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="only L=64, kv=4")
+    p.add_argument("--quick", action="store_true", help="only L=64, kv=4, seed 0, 500 steps")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
     p.add_argument("--kv", type=int, nargs="+", default=[4, 16])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--vocab", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--runs", type=Path, default=Path("runs/mqar_ablation"))
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.kv = [64], [4]
+        args.lengths, args.kv, args.seeds, args.steps = [64], [4], [0], 500
     grid = [(L, kv) for L in args.lengths for kv in args.kv if 4 * kv <= L]
     params = {a: param_counts(model_config(a, args.vocab)) for a in ARCHS}
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for (L, kv), arch in tqdm([(g, a) for g in grid for a in ARCHS], desc="mqar runs"):
-        s = run_one(arch, L, kv, args)
-        rows.append({"arch": arch, "pattern": ARCHS[arch], "seq_len": L, "num_kv_pairs": kv,
+    # seed-major: a sweep stopped early still has every cell for its first seeds
+    for seed, (L, kv), arch in tqdm([(s, g, a) for s in args.seeds for g in grid for a in ARCHS], desc="mqar runs"):
+        s = run_one(arch, L, kv, seed, args)
+        rows.append({"arch": arch, "pattern": ARCHS[arch], "seq_len": L, "num_kv_pairs": kv, "seed": seed,
                      "accuracy": s["final_eval"]["accuracy"], "loss": s["final_eval"]["ce"],
                      "params_total": params[arch]["total"], "params_active": params[arch]["active"],
                      "seconds": s["seconds_this_run"]})
         # rewritten after every run, so an interrupted sweep keeps its finished part
         (args.out / "mqar_ablation.json").write_text(json.dumps(
-            {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows},
+            {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+             "cells": cells(rows), "rows": rows},
             indent=2))
         plot(rows, args.lengths, args.out / "mqar_ablation.png")
+    print(f"mean accuracy over seeds {args.seeds}")
     print(f"{'arch':<11} {'params':>8} {'active':>8}  " + "  ".join(f"L{L}/kv{kv}" for L, kv in grid))
     for arch in ARCHS:
-        acc = {(r["seq_len"], r["num_kv_pairs"]): r["accuracy"] for r in rows if r["arch"] == arch}
+        acc = {(c["seq_len"], c["num_kv_pairs"]): c["accuracy_mean"] for c in cells(rows) if c["arch"] == arch}
         print(f"{arch:<11} {params[arch]['total']:>8} {params[arch]['active']:>8}  "
               + "  ".join(f"{acc.get(g, float('nan')):>9.3f}" for g in grid))
 
