@@ -44,8 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nemojax.ops.ffn.pallas_ffn import (check_blocks, compiler_params, dot, edge_mask, load_tile,
-                                        resolve_interpret, store_tile)
+from nemojax.ops.pallas_common import (check_blocks, compiler_params, dot, edge_mask, load_tile,
+                                       resolve_interpret, store_tile)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from nemojax.ops.pallas_common import compiler_params, resolve_interpret
 from nemojax.ops.ssd.reference import segment_ids
 
 f32 = jnp.float32
@@ -115,11 +116,9 @@ class _Cfg:
 
 
 def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape):
-    # The Triton CompilerParams are what select the Triton backend on a GPU (Mosaic GPU is the
-    # default there); interpret mode ignores them.
-    params = None if cfg.interpret else plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=cfg.interpret, compiler_params=params, name=name)
+                          interpret=cfg.interpret, name=name,
+                          compiler_params=compiler_params(cfg.interpret, cfg.num_warps, cfg.num_stages))
 
 
 # ---- in-kernel helpers --------------------------------------------------------------------------
@@ -430,8 +429,7 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=N
     for name, v in (("chunk_size", chunk_size), ("block_p", block_p), ("block_n", block_n), ("block_pn", block_pn)):
         if v <= 0 or v & (v - 1):
             raise ValueError(f"ssd(implementation='pallas'): {name} must be a power of two; got {v}")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    interpret = resolve_interpret(interpret)
     P, N = _next_pow2(p), _next_pow2(n)
     cfg = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(block_p, P),
                bn=min(block_n, N), bpn=min(block_pn, P * N), interpret=bool(interpret),
