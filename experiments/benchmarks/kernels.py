@@ -1,6 +1,6 @@
 """Pallas kernels vs their XLA baselines, one process: SSD, grouped matmul (MoE), fused relu^2 FFN.
 
-    python experiments/benchmarks/kernels.py [--only ssd,gmm,ffn] [--quick] [--repeats 20]
+    python experiments/benchmarks/kernels.py [--only ssd,gmm,ffn,e2e] [--quick] [--repeats 20]
         [--mamba-ssm PATH] [--out PATH]
 
 Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
@@ -16,6 +16,11 @@ Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
         same FLOPs ([M, K] x [K, N]) whose time gives the "fraction of dense throughput".
 - ffn:  fused relu^2 FFN at Nemotron-H-8B width (4096 -> 21504 -> 4096, 8192 tokens): the XLA MLP
         (`reference.relu2_ffn`) vs Pallas `fused_relu2_ffn`, fwd and fwd+bwd.
+- e2e:  whole models of Nemotron-shaped layers in bf16 (the first 8 layers "M-M-M-M*" of
+        nemotron-h-8b and the first 6 "MEMEM*" of nemotron-3-nano, vocabulary cut to 32K; --quick:
+        tiny-hybrid and tiny-moe in fp32): a training step (value_and_grad of the LM loss, b=2, L=4096)
+        and a greedy decode loop (b=8, 64-token prompt, 64 new tokens) with the default
+        implementations vs `nj.configure_kernels(model, ssd="pallas", ffn="pallas", moe="pallas")`.
 
 Method (experiments/benchmarks and the device notes): every case is checked first (relative error
 of the kernel against the baseline on the benchmark inputs, printed); every function is jitted
@@ -54,6 +59,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import nemojax as nj  # noqa: E402
 from nemojax.ops import ssd as ssd_ops  # noqa: E402
 from nemojax.ops.ffn import fused_relu2_ffn, relu2_ffn  # noqa: E402
 from nemojax.ops.moe.pallas_gmm import gmm  # noqa: E402
@@ -72,11 +78,15 @@ SHAPES = {
     "ssd": dict(b=4, l=4096, h=128, p=64, g=8, n=128, chunk=128),
     "gmm": dict(tokens=16384, experts=128, top_k=6, d=2688, f=1856),
     "ffn": dict(t=8192, d=4096, f=21504),
+    "e2e": dict(models={"nemotron-h-8b": 8, "nemotron-3-nano-30b-a3b": 6}, vocab=32768, train_b=2, train_l=4096,
+                decode_b=8, prompt=64, new_tokens=64, dtype="bfloat16"),
 }
 QUICK_SHAPES = {
     "ssd": dict(b=1, l=256, h=4, p=16, g=2, n=16, chunk=64),
     "gmm": dict(tokens=64, experts=8, top_k=2, d=64, f=48),
     "ffn": dict(t=64, d=64, f=128),
+    "e2e": dict(models={"tiny-hybrid": None, "tiny-moe": None}, vocab=None, train_b=2, train_l=64, decode_b=2,
+                prompt=8, new_tokens=4, dtype="float32"),  # CPU dots take no bf16 x bf16 -> fp32
 }
 
 
@@ -318,11 +328,56 @@ def case_ffn(s, a, peaks):
     return cases
 
 
-CASES = {"ssd": case_ssd, "gmm": case_gmm, "ffn": case_ffn}
+def case_e2e(s, a, peaks):
+    import dataclasses
+
+    from flax import nnx
+
+    cases = []
+    for preset, n_layers in s["models"].items():
+        cfg = nj.presets.get(preset)
+        cfg = dataclasses.replace(cfg, layers=cfg.layers[:n_layers] if n_layers else cfg.layers, mtp_depth=0,
+                                  mtp_layers=(), vocab_size=s["vocab"] or cfg.vocab_size)
+        models = {}
+        for name, kernels in (("default", {}), ("pallas", dict(ssd="pallas", ffn="pallas", moe="pallas"))):
+            models[name] = nj.HybridLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(s["dtype"]))
+            nj.configure_kernels(models[name], **kernels)
+        tokens = jax.random.randint(jax.random.key(1), (s["train_b"], s["train_l"]), 0, cfg.vocab_size)
+        prompt = tokens[:1].repeat(s["decode_b"], 0)[:, :s["prompt"]]
+
+        def train_fn(model):
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss(params, tokens):
+                logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1]).astype(jnp.float32)
+                return jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+            step = jax.jit(jax.value_and_grad(loss))
+            return lambda tokens: step(params, tokens)
+
+        def decode_fn(model):
+            return lambda prompt: nj.generate(model, prompt, max_new_tokens=s["new_tokens"])
+
+        for mode, make, args, work in (("train", train_fn, (tokens,), s["train_b"] * s["train_l"]),
+                                       ("decode", decode_fn, (prompt,), s["decode_b"] * s["new_tokens"])):
+            fns = {name: make(m) for name, m in models.items()}
+            outs = {name: fn(*args) for name, fn in fns.items()}
+            err = max_rel_err(outs["pallas"], outs["default"]) if mode == "train" else \
+                float(np.mean(np.asarray(outs["pallas"]) == np.asarray(outs["default"])))
+            r = bench({name: (fn, args) for name, fn in fns.items()}, a.repeats, a.warmup)
+            for name in r:
+                r[name]["tokens_per_s"] = work / (r[name]["ms"] / 1e3)
+            key = "rel_err_vs_default" if mode == "train" else "tokens_equal_default"
+            cases.append({"op": f"e2e_{preset}", "mode": mode, "shape": dict(s, models=None, layers=n_layers),
+                          key: {"pallas": err}, "results": r})
+    return cases
+
+
+CASES = {"ssd": case_ssd, "gmm": case_gmm, "ffn": case_ffn, "e2e": case_e2e}
 
 
 def print_case(c):
-    errs = c.get("rel_err_vs_xla", c.get("rel_err_vs_ragged_dot", {}))
+    errs = c.get("rel_err_vs_xla", c.get("rel_err_vs_ragged_dot", c.get("rel_err_vs_default", {})))
     base = next(iter(c["results"]))
     for name, r in c["results"].items():
         roof = r.get("roofline")
@@ -335,7 +390,7 @@ def print_case(c):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="ssd,gmm,ffn", help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--only", default="ssd,gmm,ffn,e2e", help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode on CPU (smoke run)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per function before timing")
@@ -375,7 +430,7 @@ def main():
     for name in only:
         print(f"-- {name}: {shapes[name]}", flush=True)
         for c in CASES[name](shapes[name], a, peaks):
-            if "ceilings_measured" in results:
+            if "ceilings_measured" in results and "flops" in c:
                 for r in c["results"].values():
                     r["roofline_measured_ceilings"] = roofline(c["flops"], c["bytes"], r["ms"],
                                                                results["ceilings_measured"])
