@@ -4,7 +4,8 @@
 
 For each model (a dense hybrid "M-M-M*-M-" and a Nano-like MoE "MEM*EME", width --hidden,
 Mamba heads of 64, state 64, vocab 4096, fp32, the MoE on nemojax's default implementation): build a random
-checkpoint with transformers, save it, `nj.load_pretrained` it, check the logits agree, then time
+checkpoint with transformers, save it, `nj.load_pretrained` it, balance both models' MoE routers as
+training would (`--router`, see `balance_routers`), check the logits agree, then time
 
   * a training step (forward + backward + AdamW) on [batch, seq] tokens: nemojax = one jitted
     value_and_grad of next-token cross entropy + optax.adamw; HF = forward with labels, backward,
@@ -54,6 +55,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nemojax as nj  # noqa: E402
+from nemojax.nn.ffn import MoE, configure_moe, pop_moe_stats, update_router_biases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -208,12 +210,36 @@ def decode_weight_bytes(hf) -> int:
 
 
 # ------------------------------------------------------------------------------------- models
-def build_pair(name: str, workdir: Path):
+def build_pair(name: str, workdir: Path, balance_tokens=None):
+    """The random HF model and its nemojax load. With `balance_tokens`, the routers' correction
+    biases are first set as aux-loss-free training leaves them: loads balanced on those tokens."""
     make_golden.CONFIGS[f"bench_{name}"] = MODELS[name]
     hf = make_golden.build_hf_model(f"bench_{name}", seed=0)
     path = workdir / name
     hf.save_pretrained(path)
-    return hf, nj.load_pretrained(path, progress=False)
+    model = nj.load_pretrained(path, progress=False)
+    if balance_tokens is not None and any(c == "E" for c in MODELS[name]["hybrid_override_pattern"]):
+        balance_routers(model, hf, balance_tokens)
+    return hf, model
+
+
+def balance_routers(model, hf, tokens, rounds: int = 60) -> None:
+    """The correction-bias update of training (bias += rate * sign(mean load - load)), applied for
+    `rounds` forward passes over `tokens` with a decaying rate, then copied into the HF model, so
+    that both run a router as balanced as a trained Nemotron's. Random HF weights route 3-4x the
+    mean load to the busiest expert; nemojax's dropless "batched" dispatch pays for the busiest
+    expert, HF's per-expert loop does not, so an unbalanced router is a different workload."""
+    configure_moe(model, collect_stats=True)
+    forward = nnx.jit(lambda m, t: m(t))
+    for r in range(rounds):
+        forward(model, tokens)
+        update_router_biases(model, pop_moe_stats(model), rate=0.1 * 0.93 ** r)
+    configure_moe(model, collect_stats=False)
+    with torch.no_grad():
+        for path, m in nnx.iter_modules(model):
+            if isinstance(m, MoE):
+                layer = hf.model.layers[int(path[1])].mixer.gate
+                layer.e_score_correction_bias.copy_(torch.tensor(np.asarray(m.e_score_correction_bias[...])))
 
 
 def hf_param_count(hf) -> int:
@@ -265,9 +291,9 @@ def hf_train_step(hf):
 def bench_model(name: str, args, workdir: Path) -> dict:
     hf_cfg = MODELS[name]
     b, l, p, n_new = args.batch, args.seq, args.prompt, args.new_tokens
-    hf, model = build_pair(name, workdir)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, hf_cfg["vocab_size"], (b, l)).astype(np.int32)
+    hf, model = build_pair(name, workdir, jnp.asarray(tokens) if args.router == "balanced" else None)
     t_tokens = torch.as_tensor(tokens, dtype=torch.long)
     j_tokens = jnp.asarray(tokens)
 
@@ -368,6 +394,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--gemm-repeats", type=int, default=7)
+    ap.add_argument("--router", choices=("balanced", "random"), default="balanced",
+                    help="MoE router biases: balanced as training leaves them (default), or the random init's")
     ap.add_argument("--quick", action="store_true", help="3 repeats, for a smoke run")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "benchmarks" / "results" / "cpu_vs_hf.json"))
     args = ap.parse_args()

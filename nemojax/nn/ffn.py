@@ -138,7 +138,11 @@ def configure_moe(model: nnx.Module, *, implementation: str | None = None, capac
 def inference_copy(model: nnx.Module) -> nnx.Module:
     """A copy of `model` that shares its arrays, with every MoE layer dropless, on one device's
     dispatch (no expert mesh) and not collecting stats: what generation's decode loop needs. The
-    original keeps its training setup."""
+    original keeps its training setup. `model` itself when it already is set up so (a copy costs
+    a graph split and merge, ~15 ms on a small model: a tenth of a short generation)."""
+    if all(m.capacity_factor is None and m.expert_mesh is None and not m.collect_stats
+           for _, m in _moe_modules(model)):
+        return model
     copy = nnx.merge(*nnx.split(model))
     for _, m in _moe_modules(copy):
         m.capacity_factor, m.expert_mesh, m.collect_stats = None, None, False
