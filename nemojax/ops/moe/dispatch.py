@@ -123,7 +123,11 @@ def _batched_dropless(x, weights, indices, w_up, w_down, slot):
     busiest = jnp.max(slot) + 1  # the largest arrival rank is the busiest expert's count
     bucket = jnp.sum(busiest > jnp.array(caps[:-1]))
     kept = jnp.ones((t, k), bool)
-    branches = [lambda ops, c=c: _batched(*ops, kept, slot, c) for c in caps]
+    # Rematerialised branches: under grad, a switch keeps the residuals of every branch, zero-filled
+    # for those not taken ([E, T, F] for the T bucket); with remat a branch's residuals are its
+    # inputs. Measured on CPU (same process, the nano/16 and hf-bench shapes of moe_dispatch.py):
+    # fwd+bwd 1.35x and 1.0x faster, the recomputed forward included.
+    branches = [jax.checkpoint(lambda ops, c=c: _batched(*ops, kept, slot, c)) for c in caps]
     return jax.lax.switch(bucket, branches, (x, weights, indices, w_up, w_down))
 
 
