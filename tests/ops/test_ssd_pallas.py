@@ -198,6 +198,8 @@ def triton_modules(monkeypatch):
     (1, 2 ** 22, 128, 8, 64, 128, 128, True),
     # odd sizes: r = 3 heads per group, 5 chunks, p and n padded, l not a multiple of the chunk
     (2, 70, 6, 2, 48, 100, 16, False),
+    # head dim and state below Triton's 16-wide dot: zero-padded to 16 on a GPU
+    (1, 40, 4, 2, 8, 8, 16, False),
 ])
 def test_kernels_lower_to_triton_with_64bit_offsets(triton_modules, b, l, h, g, p, n, chunk, big):
     """Export forward + backward for a CUDA target (abstract shapes, nothing allocated): every

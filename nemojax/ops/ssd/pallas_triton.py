@@ -423,14 +423,15 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=N
     (y [b, l, h, p] in x's dtype, final_state fp32 [b, h, p, n]), differentiable in x, dt, A, B,
     C, D and initial_state. chunk_size and the block_* sizes (tiles of p, of n, and of the
     flattened p*n in state passing) must be powers of two; p and n are zero-padded to powers of
-    two. interpret=None: interpret mode on a CPU backend. Shapes are checked by `api.ssd`."""
+    two (at least 16 on a GPU). interpret=None: interpret mode on a CPU backend. Shapes are checked by `api.ssd`."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     for name, v in (("chunk_size", chunk_size), ("block_p", block_p), ("block_n", block_n), ("block_pn", block_pn)):
         if v <= 0 or v & (v - 1):
             raise ValueError(f"ssd(implementation='pallas'): {name} must be a power of two; got {v}")
     interpret = resolve_interpret(interpret)
-    P, N = _next_pow2(p), _next_pow2(n)
+    # Triton's dot needs every tile dimension >= 16: on a GPU, small heads / states are zero-padded to 16
+    P, N = (max(_next_pow2(v), 1 if interpret else 16) for v in (p, n))
     cfg = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(block_p, P),
                bn=min(block_n, N), bpn=min(block_pn, P * N), interpret=bool(interpret),
                num_warps=num_warps, num_stages=num_stages)
