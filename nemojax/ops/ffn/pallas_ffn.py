@@ -88,7 +88,10 @@ def _up_tile(x_ref, w_up_ref, t0, f0, bl: FfnBlocks, dy_ref=None, w_down_ref=Non
     return lax.fori_loop(0, pl.cdiv(d, bk), body, (zeros,) if dy_ref is None else (zeros, zeros))
 
 
-def _fwd_kernel(x_ref, w_up_ref, w_down_ref, y_ref, *, bl: FfnBlocks):
+def _row_tile_kernel(x_ref, w_up_ref, w_down_ref, *refs, bl: FfnBlocks):
+    """One [token tile, D tile] of y (refs = (y_ref,)) or of dx (refs = (dy_ref, dx_ref)): a loop
+    over F tiles that recomputes the up projection of the token tile for each."""
+    dy_ref, out_ref = (None, refs[0]) if len(refs) == 1 else refs
     t, d = x_ref.shape
     f = w_up_ref.shape[1]
     bt, bf, bd = bl.block_t, bl.block_f, bl.block_d
@@ -97,31 +100,20 @@ def _fwd_kernel(x_ref, w_up_ref, w_down_ref, y_ref, *, bl: FfnBlocks):
 
     def body(fi, acc):
         f0 = fi * bf
-        (h,) = _up_tile(x_ref, w_up_ref, t0, f0, bl)
-        a = jnp.square(jnp.maximum(h, 0.0)).astype(x_ref.dtype)
-        w = load_tile(w_down_ref, (pl.ds(f0, bf), pl.ds(d0, bd)), edge_mask(f0, bf, f), d_mask)
-        return acc + dot(a, w.astype(x_ref.dtype))
-
-    acc = lax.fori_loop(0, pl.cdiv(f, bf), body, jnp.zeros((bt, bd), jnp.float32))
-    store_tile(y_ref, (pl.ds(t0, bt), pl.ds(d0, bd)), acc, edge_mask(t0, bt, t), d_mask)
-
-
-def _dx_kernel(x_ref, w_up_ref, w_down_ref, dy_ref, dx_ref, *, bl: FfnBlocks):
-    t, d = x_ref.shape
-    f = w_up_ref.shape[1]
-    bt, bf, bd = bl.block_t, bl.block_f, bl.block_d
-    t0, d0 = pl.program_id(0) * bt, pl.program_id(1) * bd
-    d_mask = edge_mask(d0, bd, d)
-
-    def body(fi, acc):
-        f0 = fi * bf
+        f_mask = edge_mask(f0, bf, f)
+        if dy_ref is None:  # y += relu(h)^2 @ w_down[f-tile, d-tile]
+            (h,) = _up_tile(x_ref, w_up_ref, t0, f0, bl)
+            a = jnp.square(jnp.maximum(h, 0.0)).astype(x_ref.dtype)
+            w = load_tile(w_down_ref, (pl.ds(f0, bf), pl.ds(d0, bd)), f_mask, d_mask)
+            return acc + dot(a, w.astype(x_ref.dtype))
+        # dx += (2 relu(h) * (dy @ w_down^T)) @ w_up[d-tile, f-tile]^T
         h, da = _up_tile(x_ref, w_up_ref, t0, f0, bl, dy_ref, w_down_ref)
         dh = (2.0 * jnp.maximum(h, 0.0) * da).astype(x_ref.dtype)
-        w = load_tile(w_up_ref, (pl.ds(d0, bd), pl.ds(f0, bf)), d_mask, edge_mask(f0, bf, f))
+        w = load_tile(w_up_ref, (pl.ds(d0, bd), pl.ds(f0, bf)), d_mask, f_mask)
         return acc + dot(dh, w.astype(x_ref.dtype), trans_b=True)
 
     acc = lax.fori_loop(0, pl.cdiv(f, bf), body, jnp.zeros((bt, bd), jnp.float32))
-    store_tile(dx_ref, (pl.ds(t0, bt), pl.ds(d0, bd)), acc, edge_mask(t0, bt, t), d_mask)
+    store_tile(out_ref, (pl.ds(t0, bt), pl.ds(d0, bd)), acc, edge_mask(t0, bt, t), d_mask)
 
 
 def _dw_kernel(x_ref, w_up_ref, w_down_ref, dy_ref, dw_up_ref, dw_down_ref, *, bl: FfnBlocks):
@@ -159,7 +151,7 @@ def _call(kernel, grid, out_shape, bl: FfnBlocks, name):
 def _forward(x, w_up, w_down, bl: FfnBlocks):
     t, d = x.shape
     grid = (pl.cdiv(t, bl.block_t), pl.cdiv(d, bl.block_d))
-    return _call(_fwd_kernel, grid, jax.ShapeDtypeStruct((t, d), x.dtype), bl, "relu2_ffn_fwd")(
+    return _call(_row_tile_kernel, grid, jax.ShapeDtypeStruct((t, d), x.dtype), bl, "relu2_ffn_fwd")(
         x, w_up, w_down)
 
 
@@ -176,7 +168,7 @@ def _fused_bwd(bl, res, dy):
     x, w_up, w_down = res
     t, d = x.shape
     f = w_up.shape[1]
-    dx = _call(_dx_kernel, (pl.cdiv(t, bl.block_t), pl.cdiv(d, bl.block_d)),
+    dx = _call(_row_tile_kernel, (pl.cdiv(t, bl.block_t), pl.cdiv(d, bl.block_d)),
                jax.ShapeDtypeStruct(x.shape, x.dtype), bl, "relu2_ffn_dx")(x, w_up, w_down, dy)
     dw_up, dw_down = _call(_dw_kernel, (pl.cdiv(f, bl.block_f), pl.cdiv(d, bl.block_d)),
                            (jax.ShapeDtypeStruct(w_up.shape, w_up.dtype),
