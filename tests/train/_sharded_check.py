@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
     " --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
@@ -98,6 +99,22 @@ def step_check(problem, mesh_shape) -> dict:
             "sharded_leaves": sum(any(a is not None for a in s.spec) for s in jax.tree.leaves(p_shard))}
 
 
+@contextlib.contextmanager
+def counting_ep_calls():
+    """Yields a list that gets one entry per trace reaching nn.ffn's moe_ffn_expert_parallel."""
+    calls, original = [], ffn_module.moe_ffn_expert_parallel
+
+    def counted(*args, **kw):
+        calls.append(kw["mesh"].shape["expert"])
+        return original(*args, **kw)
+
+    ffn_module.moe_ffn_expert_parallel = counted
+    try:
+        yield calls
+    finally:
+        ffn_module.moe_ffn_expert_parallel = original
+
+
 def ep_in_model_check(problem, mesh_shape) -> dict:
     """The whole tiny-moe step with the model's MoE layers set to expert parallelism by
     `configure_moe(expert_mesh=...)`; counts the calls that reach moe_ffn_expert_parallel."""
@@ -106,19 +123,9 @@ def ep_in_model_check(problem, mesh_shape) -> dict:
     model = nnx.merge(graphdef, params, rest)
     ffn_module.configure_moe(model, expert_mesh=mesh)
     ep_graphdef = nnx.split(model, nnx.Param, ...)[0]
-    calls = []
-    original = ffn_module.moe_ffn_expert_parallel
-
-    def counted(*args, **kw):
-        calls.append(kw["mesh"].shape["expert"])
-        return original(*args, **kw)
-
-    ffn_module.moe_ffn_expert_parallel = counted
-    try:
+    with counting_ep_calls() as calls:
         loss, grads = jax.jit(jax.value_and_grad(partial(masked_ce, ep_graphdef)))(
             sh.shard_state(params, mesh), sh.shard_state(rest, mesh), jax.device_put(batch, sh.batch_sharding(mesh)))
-    finally:
-        ffn_module.moe_ffn_expert_parallel = original
     return {"ep_calls": len(calls), "loss_err": abs(float(loss) - float(loss_ref)) / abs(float(loss_ref)),
             "grad_err": rel_err(grads, grads_ref)}
 
@@ -129,17 +136,13 @@ def trainer_check(tmp: str) -> dict:
     from nemojax.train import TrainConfig, train
     from nemojax.train.metrics import read_metrics
 
-    runs, calls = {}, []
-    original = ffn_module.moe_ffn_expert_parallel
-    ffn_module.moe_ffn_expert_parallel = lambda *a, **kw: calls.append(kw["mesh"].shape["expert"]) or original(*a, **kw)
-    try:
+    runs = {}
+    with counting_ep_calls() as calls:
         for mesh in ("data=8", "data=2,fsdp=2,expert=2"):
             tc = TrainConfig(preset="tiny-moe", data="mqar", seq_len=32, batch_size=8, steps=4, warmup_steps=1,
                              log_every=1, eval_every=4, save_every=4, eval_batches=1, mesh=mesh, out_dir=f"{tmp}/{mesh}")
             train(tc, quiet=True)
             runs[mesh] = [r for r in read_metrics(f"{tmp}/{mesh}/metrics.jsonl") if "loss" in r]
-    finally:
-        ffn_module.moe_ffn_expert_parallel = original
     dp, ep = runs.values()
     load_keys = [k for k in dp[-1] if "load" in k]
     return {"steps": len(ep), "ep_traces": len(calls), "losses": [r["loss"] for r in ep], "loss_err": max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(dp, ep)),
