@@ -25,7 +25,7 @@ class TrainConfig:
     # optimisation
     steps: int = field(default=300, metadata={"help": "total optimizer steps (the schedule's length)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: steps // 10)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor, as a fraction of lr"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (not on norms, biases, A_log, D, dt_bias)"})
     b1: float = 0.9
@@ -57,6 +57,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.warmup_steps is None:  # resolved here, so the saved config records the number used
+            object.__setattr__(self, "warmup_steps", self.steps // 10)
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
         if not self.lr > 0:

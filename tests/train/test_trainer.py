@@ -90,6 +90,11 @@ def test_config_errors_name_the_field():
         TrainConfig(steps=10, warmup_steps=10)
 
 
+def test_default_warmup_is_a_tenth_of_the_steps():
+    assert [TrainConfig(steps=s).warmup_steps for s in (5, 300, 2000)] == [0, 30, 200]
+    assert TrainConfig(steps=5, warmup_steps=2).warmup_steps == 2
+
+
 def test_bf16_compute_tracks_fp32():
     tc = TrainConfig(preset="tiny-moe", seq_len=32, batch_size=2)
     model = trainer.build_model(tc, 256)
@@ -113,7 +118,7 @@ def test_bf16_compute_tracks_fp32():
 
 def test_cli_train_eval_generate(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["train", "--preset", "tiny-hybrid", "--steps", "4", "--warmup-steps", "1", "--seq-len", "32",
+    rc = main(["train", "--preset", "tiny-hybrid", "--steps", "4", "--seq-len", "32",
                "--batch-size", "2", "--eval-batches", "1", "--sample-tokens", "5", "--out-dir", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
