@@ -79,7 +79,10 @@ def plot(rows, grid_lengths, path):
             if pts:
                 kv, mean, lo, hi = zip(*pts)
                 ax.errorbar(kv, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=arch)
+        kvs = sorted({c["num_kv_pairs"] for c in cells(rows)})
         ax.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", title=f"MQAR, L = {L}", ylim=(0, 1.02))
+        ax.set_xticks(kvs, [str(k) for k in kvs])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
