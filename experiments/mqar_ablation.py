@@ -44,8 +44,9 @@ def run_one(arch, seq_len, kv, seed, args):
     tc = TrainConfig(preset="tiny-hybrid", data="mqar", data_options={"num_kv_pairs": kv, "vocab_size": args.vocab},
                      seq_len=seq_len, batch_size=args.batch, steps=args.steps, lr=args.lr,
                      warmup_steps=args.steps // 10, weight_decay=0.0, eval_every=args.steps, save_every=args.steps,
-                     eval_batches=4, log_every=max(args.steps // 20, 1), out_dir=str(args.runs / f"steps{args.steps}_vocab{args.vocab}_lr{args.lr:g}"
-                                 / f"{arch}_L{seq_len}_kv{kv}_seed{seed}"), seed=seed)
+                     eval_batches=4, log_every=max(args.steps // 20, 1), seed=seed,
+                     out_dir=str(args.runs / f"steps{args.steps}_vocab{args.vocab}_lr{args.lr:g}"
+                                 / f"{arch}_L{seq_len}_kv{kv}_seed{seed}"))
     summary = Path(tc.out_dir) / "summary.json"
     if summary.exists() and "final_eval" in json.loads(summary.read_text()):
         return json.loads(summary.read_text())
@@ -70,16 +71,17 @@ def plot(rows, grid_lengths, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cs = cells(rows)
+    kvs = sorted({c["num_kv_pairs"] for c in cs})
     fig, axes = plt.subplots(1, len(grid_lengths), figsize=(4.2 * len(grid_lengths), 3.6), squeeze=False)
     for ax, L in zip(axes[0], grid_lengths):
         for arch in ARCHS:
             pts = sorted((c["num_kv_pairs"], c["accuracy_mean"], c["accuracy_mean"] - c["accuracy_min"],
                           c["accuracy_max"] - c["accuracy_mean"])
-                         for c in cells(rows) if c["arch"] == arch and c["seq_len"] == L)
+                         for c in cs if c["arch"] == arch and c["seq_len"] == L)
             if pts:
                 kv, mean, lo, hi = zip(*pts)
                 ax.errorbar(kv, mean, yerr=[lo, hi], fmt="o-", capsize=3, label=arch)
-        kvs = sorted({c["num_kv_pairs"] for c in cells(rows)})
         ax.set(xscale="log", xlabel="key-value pairs", ylabel="recall accuracy", title=f"MQAR, L = {L}", ylim=(0, 1.02))
         ax.set_xticks(kvs, [str(k) for k in kvs])
         ax.minorticks_off()

@@ -1,6 +1,6 @@
 """Routed relu^2 experts: y_t = sum_k w_tk relu(x_t W_up[e_tk])^2 W_down[e_tk].
 
-Three implementations of the same math, chosen by `implementation=`:
+Four implementations of the same math, chosen by `implementation=`:
 - "dense":   every expert on every token, combined through a one-hot gate (tiny models; the oracle);
 - "ragged":  sort assignments by expert + grouped matmul (`jax.lax.ragged_dot`) + unsort;
 - "pallas":  "ragged" with the grouped matmul done by the Pallas kernel `pallas_gmm.gmm` (GPU; CPU
