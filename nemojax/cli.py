@@ -94,7 +94,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from nemojax.train.trainer import evaluate, load_run, make_dataset, make_eval_step
+    from nemojax.train.loop import load_run, make_dataset
+    from nemojax.train.step import evaluate, make_eval_step
 
     tc, model, record = load_run(args.checkpoint, args.step)
     from flax import nnx
@@ -108,7 +109,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from nemojax.train.trainer import load_run, make_dataset, sample_text
+    from nemojax.train.loop import load_run, make_dataset
+    from nemojax.train.sample import sample_text
 
     tc, model, _ = load_run(args.checkpoint)
     ds = make_dataset(tc)

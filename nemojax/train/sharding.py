@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+if TYPE_CHECKING:
+    from nemojax.train.config import TrainConfig
 
 MESH_AXES = ("data", "fsdp", "expert")
 # The batch is split over every axis: outside the MoE layers the expert axis is data parallel too.
@@ -177,3 +181,31 @@ def opt_state_specs(tx, opt_state, specs):
     return optax.tree_map_params(tx, lambda _, spec: spec, opt_state, specs,
                                  transform_non_params=lambda _: P(),
                                  is_leaf=lambda x: isinstance(x, P))
+
+
+# ----------------------------------------------------------------------------------- training runs
+def make_train_mesh(tc: TrainConfig):
+    """The mesh of `tc.mesh` ("data=2,fsdp=2,expert=2"); all devices on "data" when unset and there are
+    several; None on a single device (no sharding at all)."""
+    if tc.mesh is None:
+        return make_mesh() if jax.device_count() > 1 else None
+    sizes = {}
+    for item in tc.mesh.split(","):
+        axis, _, n = item.partition("=")
+        if axis.strip() not in MESH_AXES or not n.strip().lstrip("-").isdigit():
+            raise ValueError(f"mesh: expected AXIS=SIZE items with AXIS in {MESH_AXES}; got {item!r}")
+        sizes[axis.strip()] = int(n)
+    mesh = make_mesh(**sizes)
+    split = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if tc.batch_size % split:
+        raise ValueError(f"batch_size {tc.batch_size} must be divisible by the {split} data-parallel devices of "
+                         f"mesh {dict(mesh.shape)}")
+    return mesh
+
+
+def shard_train_state(state, tx, mesh):
+    """Places the train state on `mesh` by the partition rules (optimizer moments follow their params)."""
+    p_specs = param_specs(state["params"], mesh)
+    specs = {"params": p_specs, "rest": param_specs(state["rest"], mesh),
+             "opt_state": opt_state_specs(tx, state["opt_state"], p_specs), "step": P(), "rng": P()}
+    return jax.device_put(state, to_shardings(specs, mesh))

@@ -13,7 +13,8 @@ from flax import nnx
 
 import nemojax as nj
 from nemojax.cli import main
-from nemojax.train import TrainConfig, trainer
+from nemojax.train import TrainConfig, loop
+from nemojax.train.step import loss_and_metrics
 from nemojax.train.optimizer import decays, path_names
 
 
@@ -31,14 +32,14 @@ def _leaves(state):
 
 def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
     straight = tiny_config(tmp_path, "straight")
-    s1 = trainer.train(straight, quiet=True)
+    s1 = loop.train(straight, quiet=True)
     assert s1["step"] == 6 and s1["interrupted"] is None
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        trainer.train(straight.replace(resume=False), quiet=True)
+        loop.train(straight.replace(resume=False), quiet=True)
     with pytest.raises(ValueError, match="seq_len"):
-        trainer.train(straight.replace(seq_len=16), quiet=True)
+        loop.train(straight.replace(seq_len=16), quiet=True)
 
-    make = trainer.make_dataset
+    make = loop.make_dataset
 
     class SignalAt:  # delivers SIGINT while the batch for step 3 (0-based 2) is being drawn
         def __init__(self, ds):
@@ -49,17 +50,17 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
                 os.kill(os.getpid(), signal.SIGINT)
             return self.ds.batch(step)
 
-    monkeypatch.setattr(trainer, "make_dataset", lambda tc, split="train": (
+    monkeypatch.setattr(loop, "make_dataset", lambda tc, split="train": (
         SignalAt(make(tc)) if split == "train" else make(tc, split)))
     resumed = tiny_config(tmp_path, "resumed")
-    s2 = trainer.train(resumed, quiet=True)
+    s2 = loop.train(resumed, quiet=True)
     assert s2["interrupted"] == "SIGINT" and s2["step"] == 3  # the step in flight completes, then saves
-    monkeypatch.setattr(trainer, "make_dataset", make)
-    s3 = trainer.train(resumed, quiet=True)
+    monkeypatch.setattr(loop, "make_dataset", make)
+    s3 = loop.train(resumed, quiet=True)
     assert s3["step"] == 6
 
-    _, m1, r1 = trainer.load_run(straight.out_dir)
-    _, m2, r2 = trainer.load_run(resumed.out_dir)
+    _, m1, r1 = loop.load_run(straight.out_dir)
+    _, m2, r2 = loop.load_run(resumed.out_dir)
     assert r1["data_position"] == r2["data_position"] == 6
     for a, b in zip(_leaves(nnx.state(m1)), _leaves(nnx.state(m2)), strict=True):
         np.testing.assert_array_equal(a, b)  # bit for bit, router biases included
@@ -97,12 +98,12 @@ def test_default_warmup_is_a_tenth_of_the_steps():
 
 def test_bf16_compute_tracks_fp32():
     tc = TrainConfig(preset="tiny-moe", seq_len=32, batch_size=2)
-    model = trainer.build_model(tc, 256)
-    graphdef, _, state = trainer.init_state(tc, model)
-    batch = jax.tree.map(jnp.asarray, trainer.make_dataset(tc).batch(0))
+    model = loop.build_model(tc, 256)
+    graphdef, _, state = loop.init_state(tc, model)
+    batch = jax.tree.map(jnp.asarray, loop.make_dataset(tc).batch(0))
 
     def grads(dtype):
-        fn = jax.value_and_grad(lambda p: trainer.loss_and_metrics(
+        fn = jax.value_and_grad(lambda p: loss_and_metrics(
             graphdef, tc.replace(compute_dtype=dtype), p, state["rest"], batch), has_aux=True)
         (loss, _), g = fn(state["params"])
         return float(loss), np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])

@@ -1,0 +1,34 @@
+"""Samples printed at the end of a run and by `nemojax generate`: a text continuation, or a synthetic
+task's targets beside the model's predictions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.nn.model import HybridLM
+from nemojax.train import losses
+
+
+def sample_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, temperature: float = 0.8,
+                top_k: int | None = 40) -> str:
+    """A sampled continuation of `prompt` (text datasets)."""
+    from nemojax.generate import generate
+
+    if not prompt:
+        raise ValueError("prompt must be non-empty")
+    ids = ds.tokenizer.encode(prompt)[None].astype(np.int32)
+    out = generate(model, ids, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k,
+                   key=jax.random.key(seed))
+    return ds.tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
+
+
+def sample_task(model: HybridLM, ds) -> str:
+    """For synthetic tasks: the first held-out sequence's scored targets beside the model's predictions."""
+    b = ds.batch(0)
+    pred = np.asarray(jnp.argmax(model(jnp.asarray(b["inputs"][:1])), -1))[0]
+    t = b["targets"][0]
+    pos = np.nonzero(t != losses.IGNORE)[0]
+    return (f"targets     {t[pos].tolist()}\npredictions {pred[pos].tolist()}\n"
+            f"correct     {int(np.sum(pred[pos] == t[pos]))}/{len(pos)}")
