@@ -8,7 +8,7 @@ import math
 import sys
 import typing
 
-from nemojax import config as cfg_mod
+from nemojax import presets
 
 DEFAULT_PRESET = "nemotron-3-nano-30b-a3b"
 
@@ -20,7 +20,7 @@ def _fmt(n: int) -> str:
 def cmd_info(args) -> int:
     from nemojax.nn.model import param_counts
 
-    cfg = cfg_mod.get(args.preset)
+    cfg = presets.get(args.preset)
     c = param_counts(cfg)
     kinds = {s: cfg.pattern.count(s) for s in "M*-E"}
     print(f"preset      {args.preset}")
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nemojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="layer pattern and parameter counts of a preset")
-    p.add_argument("preset", nargs="?", default=DEFAULT_PRESET, choices=cfg_mod.names(), metavar="PRESET",
-                   help=f"one of: {', '.join(cfg_mod.names())} (default {DEFAULT_PRESET})")
+    p.add_argument("preset", nargs="?", default=DEFAULT_PRESET, choices=presets.names(), metavar="PRESET",
+                   help=f"one of: {', '.join(presets.names())} (default {DEFAULT_PRESET})")
     p.set_defaults(func=cmd_info)
 
     from nemojax.train.config import TrainConfig

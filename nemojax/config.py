@@ -1,20 +1,36 @@
-"""Model configuration: one frozen spec per layer, HF `config.json` mapping, presets.
+"""Model configuration: one frozen spec per layer, validation, and the native JSON format.
 
-Every layer carries its own spec, so heterogeneous models (Puzzle children, FFN-fused
-blocks, per-layer expert counts) are ordinary configs. Specs are frozen dataclasses:
-hashable, usable as static arguments to `jax.jit`.
+Every layer carries its own spec, so heterogeneous models (Puzzle children, FFN-fused blocks,
+per-layer expert counts, no-op and linear layers) are ordinary configs. Specs are frozen
+dataclasses: hashable, usable as static arguments to `jax.jit`.
+
+`ModelConfig.to_json` / `from_json` is the lossless native format (one kind-tagged entry per
+layer); the HF NemotronH `config.json` mapping, which only describes uniform layers of each kind,
+lives in `nemojax.io.hf_config` (`ModelConfig.from_hf` / `to_hf` call it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
 INF = float("inf")
+# Normal-initialisation standard deviation of embeddings, LM head and every projection (HF's
+# `initializer_range`); residual-branch output projections get it / sqrt(2 * layers).
+INIT_STD = 0.02
+
+
+def _check_positive(obj, where: str, *names):
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{where}.{n} must be a positive int; got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,14 @@ class MambaSpec:
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.n_groups * self.state_size
 
+    def check(self, where: str) -> None:
+        _check_positive(self, where, "num_heads", "head_dim", "n_groups", "state_size", "conv_kernel", "chunk_size")
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"{where}: mamba num_heads={self.num_heads} must be divisible by n_groups={self.n_groups}")
+        lo, hi = self.dt_limit
+        if not 0.0 <= lo < hi:
+            raise ValueError(f"{where}: dt_limit must satisfy 0 <= lo < hi; got {self.dt_limit}")
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -53,6 +77,14 @@ class AttentionSpec:
     kind: ClassVar[str] = "attention"
     symbol: ClassVar[str] = "*"
 
+    def check(self, where: str) -> None:
+        _check_positive(self, where, "num_heads", "num_kv_heads", "head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{where}: attention num_heads={self.num_heads} must be divisible by "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"{where}: sliding_window must be None or a positive int; got {self.sliding_window!r}")
+
 
 @dataclass(frozen=True)
 class MLPSpec:
@@ -62,6 +94,9 @@ class MLPSpec:
     bias: bool = False
     kind: ClassVar[str] = "mlp"
     symbol: ClassVar[str] = "-"
+
+    def check(self, where: str) -> None:
+        _check_positive(self, where, "intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -81,16 +116,48 @@ class MoESpec:
     kind: ClassVar[str] = "moe"
     symbol: ClassVar[str] = "E"
 
+    def check(self, where: str) -> None:
+        _check_positive(self, where, "num_experts", "top_k", "intermediate_size", "n_group", "topk_group")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"{where}: num_experts={self.num_experts} must be divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"{where}: topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"{where}: top_k={self.top_k} exceeds the experts reachable in "
+                             f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group}")
+        if self.shared_intermediate_size < 0:
+            raise ValueError(f"{where}: shared_intermediate_size must be >= 0; got {self.shared_intermediate_size}")
+        if self.latent_size is not None and self.latent_size <= 0:
+            raise ValueError(f"{where}: latent_size must be None or > 0; got {self.latent_size}")
 
-LayerSpec = Union[MambaSpec, AttentionSpec, MLPSpec, MoESpec]
-LAYER_KINDS = {s.symbol: s for s in (MambaSpec, AttentionSpec, MLPSpec, MoESpec)}
-# HF `layers_block_type` names (new and legacy) -> pattern symbols.
-HF_BLOCK_TYPES = {
-    "linear_attention": "M", "mamba": "M",
-    "full_attention": "*", "attention": "*",
-    "mlp": "-",
-    "moe": "E",
-}
+
+@dataclass(frozen=True)
+class NoOpSpec:
+    """A layer that adds nothing: x -> x (no norm, no parameters, no cache)."""
+
+    kind: ClassVar[str] = "noop"
+    symbol: ClassVar[str] = "."
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A mixer that is one d -> d linear map of the normed input: x + W norm(x) (+ b)."""
+
+    bias: bool = False
+    kind: ClassVar[str] = "linear"
+    symbol: ClassVar[str] = "L"
+
+    def check(self, where: str) -> None:
+        pass
+
+
+LayerSpec = Union[MambaSpec, AttentionSpec, MLPSpec, MoESpec, NoOpSpec, LinearSpec]
+SPEC_TYPES: tuple[type, ...] = typing.get_args(LayerSpec)
+SPEC_BY_KIND: dict[str, type] = {s.kind: s for s in SPEC_TYPES}
+SPEC_BY_SYMBOL: dict[str, type] = {s.symbol: s for s in SPEC_TYPES}
 
 
 @dataclass(frozen=True)
@@ -104,25 +171,32 @@ class ModelConfig:
     mtp_layers: tuple[LayerSpec, ...] = ()
     mtp_depth: int = 0
     ssm_cache_dtype: str = "float32"
+    # Residual stream kept in fp32 between blocks (NVIDIA's original NemotronH option; transformers 5.x
+    # reads the field but ignores it).
+    residual_in_fp32: bool = False
+    init_std: float = INIT_STD
     name: str = ""
     # HF config fields without effect on the math, kept so `to_hf` round-trips them.
     hf_extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        _check_positive(self, "vocab_size", "hidden_size")
+        _check_positive(self, "ModelConfig", "vocab_size", "hidden_size")
         if not self.layers:
             raise ValueError("ModelConfig.layers must hold at least one LayerSpec")
         for where, specs in (("layers", self.layers), ("mtp_layers", self.mtp_layers)):
+            if not isinstance(specs, tuple):
+                raise ValueError(f"ModelConfig.{where} must be a tuple of layer specs; got {type(specs).__name__}")
             for i, spec in enumerate(specs):
-                _validate_spec(spec, f"{where}[{i}]")
+                if not isinstance(spec, SPEC_TYPES):
+                    raise ValueError(f"{where}[{i}]: expected one of {', '.join(s.__name__ for s in SPEC_TYPES)}; "
+                                     f"got {type(spec).__name__}")
+                spec.check(f"{where}[{i}]")
         if self.mtp_depth < 0 or (self.mtp_depth > 0 and not self.mtp_layers):
-            raise ValueError(
-                f"mtp_depth={self.mtp_depth} needs a non-empty mtp_layers pattern (and must be >= 0)"
-            )
+            raise ValueError(f"mtp_depth={self.mtp_depth} needs a non-empty mtp_layers pattern (and must be >= 0)")
         if self.ssm_cache_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"ssm_cache_dtype must be one of float32, bfloat16, float16; got {self.ssm_cache_dtype!r}"
-            )
+            raise ValueError(f"ssm_cache_dtype must be one of float32, bfloat16, float16; got {self.ssm_cache_dtype!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0; got {self.init_std}")
 
     @property
     def pattern(self) -> str:
@@ -135,345 +209,170 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # ------------------------------------------------------------------ HF mapping
+    def replace_layers(self, new: dict[int, LayerSpec]) -> "ModelConfig":
+        """This config with `layers[i]` replaced by `new[i]` (indices checked)."""
+        bad = [i for i in new if not isinstance(i, int) or not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"replace_layers: layer indices {bad} out of range [0, {len(self.layers)})")
+        return self.replace(layers=tuple(new.get(i, s) for i, s in enumerate(self.layers)))
+
+    # ------------------------------------------------------------------ native JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict: every field, each layer as {"kind": ..., its fields}; lossless."""
+        out: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("layers", "mtp_layers"):
+                out[f.name] = [spec_to_dict(s) for s in v]
+            elif f.name == "hf_extra":
+                out[f.name] = dict(v)
+            else:
+                out[f.name] = _encode(v)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a ModelConfig dict must be a JSON object; got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a native nemojax model config (format={d.get('format')!r}, expected {FORMAT!r}); "
+                             "an HF NemotronH config.json loads with ModelConfig.from_hf")
+        if d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"model config version {d.get('version')!r} is not supported (this nemojax reads "
+                             f"version {FORMAT_VERSION})")
+        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        _reject_unknown(body, {f.name for f in dataclasses.fields(cls)}, "ModelConfig")
+        kw: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for name, v in body.items():
+            if name in ("layers", "mtp_layers"):
+                if not isinstance(v, list):
+                    raise ValueError(f"ModelConfig.{name} must be a list of layer entries; got {type(v).__name__}")
+                kw[name] = tuple(spec_from_dict(e, f"{name}[{i}]") for i, e in enumerate(v))
+            elif name == "hf_extra":
+                kw[name] = tuple(sorted(v.items()))
+            else:
+                kw[name] = _decode(hints[name], v, f"ModelConfig.{name}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in kw]
+        if missing:
+            raise ValueError(f"ModelConfig is missing required field(s) {missing}")
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "ModelConfig":
+        """A config file: native JSON, or an HF NemotronH config.json (told apart by `format`)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d) if isinstance(d, dict) and "format" in d else cls.from_hf(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    # ------------------------------------------------------------------ HF mapping (nemojax.io.hf_config)
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | Path) -> "ModelConfig":
         """Build from an HF NemotronH `config.json` (dict, file, or checkpoint directory)."""
-        if not isinstance(hf, dict):
-            path = Path(hf)
-            hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-        return _from_hf(hf)
+        from nemojax.io.hf_config import from_hf
+
+        return from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
-        """An HF NemotronH config dict that transformers loads into the same model."""
-        return _to_hf(self)
+        """An HF NemotronH config dict that transformers loads into the same model; raises when the
+        model does not fit NemotronH's config (layers of one kind that differ, no-op or linear layers)."""
+        from nemojax.io.hf_config import to_hf
+
+        return to_hf(self)
 
 
-def _check_positive(obj, *names):
-    for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{type(obj).__name__}.{n} must be a positive int; got {v!r}")
+FORMAT = "nemojax.ModelConfig"
+FORMAT_VERSION = 1
 
 
-def _validate_spec(spec, where: str) -> None:
-    if not isinstance(spec, (MambaSpec, AttentionSpec, MLPSpec, MoESpec)):
-        raise ValueError(f"{where}: expected a MambaSpec/AttentionSpec/MLPSpec/MoESpec, got {type(spec).__name__}")
-    if isinstance(spec, MambaSpec):
-        _check_positive(spec, "num_heads", "head_dim", "n_groups", "state_size", "conv_kernel", "chunk_size")
-        if spec.num_heads % spec.n_groups:
-            raise ValueError(
-                f"{where}: mamba num_heads={spec.num_heads} must be divisible by n_groups={spec.n_groups}"
-            )
-        lo, hi = spec.dt_limit
-        if not 0.0 <= lo < hi:
-            raise ValueError(f"{where}: dt_limit must satisfy 0 <= lo < hi; got {spec.dt_limit}")
-    elif isinstance(spec, AttentionSpec):
-        _check_positive(spec, "num_heads", "num_kv_heads", "head_dim")
-        if spec.num_heads % spec.num_kv_heads:
-            raise ValueError(
-                f"{where}: attention num_heads={spec.num_heads} must be divisible by "
-                f"num_kv_heads={spec.num_kv_heads}"
-            )
-        if spec.sliding_window is not None and spec.sliding_window <= 0:
-            raise ValueError(f"{where}: sliding_window must be None or > 0; got {spec.sliding_window}")
-    elif isinstance(spec, MLPSpec):
-        _check_positive(spec, "intermediate_size")
-    else:
-        _check_positive(spec, "num_experts", "top_k", "intermediate_size", "n_group", "topk_group")
-        if spec.num_experts % spec.n_group:
-            raise ValueError(f"{where}: num_experts={spec.num_experts} must be divisible by n_group={spec.n_group}")
-        if spec.topk_group > spec.n_group:
-            raise ValueError(f"{where}: topk_group={spec.topk_group} must be <= n_group={spec.n_group}")
-        if spec.top_k > spec.topk_group * (spec.num_experts // spec.n_group):
-            raise ValueError(
-                f"{where}: top_k={spec.top_k} exceeds the experts reachable in topk_group={spec.topk_group} "
-                f"groups of {spec.num_experts // spec.n_group}"
-            )
-        if spec.shared_intermediate_size < 0:
-            raise ValueError(f"{where}: shared_intermediate_size must be >= 0")
-        if spec.latent_size is not None and spec.latent_size <= 0:
-            raise ValueError(f"{where}: latent_size must be None or > 0; got {spec.latent_size}")
+def spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
+    return {"kind": spec.kind, **{f.name: _encode(getattr(spec, f.name)) for f in dataclasses.fields(spec)}}
 
 
-# HF field -> (legacy alias). The legacy names are accepted on input.
-_HF_LEGACY = {
-    "n_groups": "mamba_n_groups",
-    "conv_kernel": "mamba_d_conv",
-    "expand": "mamba_expand",
-    "time_step_min": "mamba_dt_min",
-    "time_step_max": "mamba_dt_max",
-    "time_step_limit": "mamba_dt_limit",
-    "time_step_floor": "mamba_dt_init_floor",
-    "use_conv_bias": "mamba_conv_bias",
-    "chunk_size": "mamba_chunk_size",
-}
-# Fields that only affect initialisation, caching policy or training-time regularisation.
-_HF_NO_MATH = {
-    "architectures", "model_type", "auto_map", "torch_dtype", "dtype", "transformers_version",
-    "use_cache", "num_logits_to_keep", "pad_token_id", "bos_token_id", "eos_token_id",
-    "max_position_embeddings", "initializer_range", "rescale_prenorm_residual", "residual_in_fp32",
-    "use_mamba_kernels", "time_step_min", "time_step_max", "time_step_floor", "expand",
-    "attention_dropout", "hidden_dropout", "output_router_logits", "moe_shared_expert_overlap",
-    "num_hidden_layers", "mamba_proj_bias", "n_shared_experts", "router_aux_loss_coef",
-    "output_attentions", "output_hidden_states", "return_dict", "sliding_window_pattern",
-    "_name_or_path", "tokenizer_class", "quantization_config", "name_or_path",
-}
+def spec_from_dict(d: Any, where: str) -> LayerSpec:
+    if not isinstance(d, dict) or "kind" not in d:
+        raise ValueError(f"{where}: a layer entry must be an object with a 'kind'; got {d!r}")
+    kind = d["kind"]
+    if kind not in SPEC_BY_KIND:
+        raise ValueError(f"{where}: unknown layer kind {kind!r}; allowed: {', '.join(SPEC_BY_KIND)}")
+    cls = SPEC_BY_KIND[kind]
+    body = {k: v for k, v in d.items() if k != "kind"}
+    _reject_unknown(body, {f.name for f in dataclasses.fields(cls)}, f"{where} ({kind})")
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{k: _decode(hints[k], v, f"{where}.{k}") for k, v in body.items()})
+    except TypeError as e:  # a required field is missing
+        raise ValueError(f"{where} ({kind}): {e}") from None
 
 
-def _pattern_to_symbols(hf: dict[str, Any], list_key: str, pattern_key: str) -> str:
-    if hf.get(list_key) is not None:
-        types = hf[list_key]
-        bad = [t for t in types if t not in HF_BLOCK_TYPES]
-        if bad:
-            raise ValueError(f"{list_key} has unknown block types {bad}; allowed: {sorted(HF_BLOCK_TYPES)}")
-        return "".join(HF_BLOCK_TYPES[t] for t in types)
-    pattern = hf.get(pattern_key) or ""
-    bad = sorted(set(pattern) - set(LAYER_KINDS))
-    if bad:
-        raise ValueError(f"{pattern_key} has unknown layer symbols {bad}; allowed: M (mamba), * (attention), - (mlp), E (moe)")
-    return pattern
-
-
-def _as_float(v) -> float:
-    """transformers writes non-finite floats into config.json as {"__float__": "Infinity"}."""
-    return float(v["__float__"]) if isinstance(v, dict) else float(v)
-
-
-def _from_hf(hf_in: dict[str, Any]) -> ModelConfig:
-    hf = dict(hf_in)
-    for new, old in _HF_LEGACY.items():
-        if old in hf:
-            hf.setdefault(new, hf.pop(old))
-    if hf.get("model_type", "nemotron_h") != "nemotron_h":
-        raise ValueError(f"model_type must be 'nemotron_h'; got {hf.get('model_type')!r}")
-    for key, allowed in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
-        if hf.get(key, allowed) != allowed:
-            raise ValueError(f"{key}={hf[key]!r} is not supported; NemotronH uses {allowed!r}")
-    if hf.get("attention_bias"):
-        raise ValueError("attention_bias=True is not supported: NemotronH attention projections have no bias")
-    if hf.get("n_shared_experts", 1) not in (0, 1):
-        raise ValueError(f"n_shared_experts={hf['n_shared_experts']} is not supported (0 or 1)")
-
-    pattern = _pattern_to_symbols(hf, "layers_block_type", "hybrid_override_pattern")
-    if not pattern:
-        raise ValueError("config needs `layers_block_type` or `hybrid_override_pattern`")
-    mtp_depth = int(hf.get("num_nextn_predict_layers", 0) or 0)
-    mtp_pattern = _pattern_to_symbols(hf, "mtp_layers_block_type", "mtp_hybrid_override_pattern")
-    if mtp_depth and not mtp_pattern:
-        mtp_pattern = "*E"  # HF default for mtp_layers_block_type
-
-    hidden = hf.get("hidden_size", 4096)
-    num_heads = hf.get("num_attention_heads", 32)
-    time_step_limit = tuple(_as_float(v) for v in hf.get("time_step_limit", (0.0, INF)))
-    share_experts = hf.get("n_shared_experts", 1)
-    spec_of = {
-        "M": MambaSpec(
-            num_heads=hf.get("mamba_num_heads", 128),
-            head_dim=hf.get("mamba_head_dim", 64),
-            n_groups=hf.get("n_groups", 8),
-            state_size=hf.get("ssm_state_size", 128),
-            conv_kernel=hf.get("conv_kernel", 4),
-            chunk_size=hf.get("chunk_size", 128),
-            conv_bias=hf.get("use_conv_bias", True),
-            proj_bias=hf.get("use_bias", False),
-            dt_limit=time_step_limit,
-        ),
-        "*": AttentionSpec(
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hidden // num_heads,
-            sliding_window=hf.get("sliding_window"),
-        ),
-        "-": MLPSpec(intermediate_size=hf.get("intermediate_size", 21504), bias=hf.get("mlp_bias", False)),
-        "E": MoESpec(
-            num_experts=hf.get("n_routed_experts", 8),
-            top_k=hf.get("num_experts_per_tok", 2),
-            intermediate_size=hf.get("moe_intermediate_size", 7688),
-            shared_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 7688) if share_experts else 0,
-            latent_size=hf.get("moe_latent_size"),
-            n_group=hf.get("n_group", 1),
-            topk_group=hf.get("topk_group", 1),
-            norm_topk_prob=hf.get("norm_topk_prob", True),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            bias=hf.get("mlp_bias", False),
-        ),
-    }
-    math_keys = {
-        "vocab_size", "hidden_size", "layers_block_type", "hybrid_override_pattern", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "sliding_window", "attention_bias", "intermediate_size",
-        "mlp_hidden_act", "mlp_bias", "mamba_num_heads", "mamba_head_dim", "mamba_hidden_act", "n_groups",
-        "ssm_state_size", "conv_kernel", "chunk_size", "use_conv_bias", "use_bias", "time_step_limit",
-        "mamba_ssm_cache_dtype", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-        "moe_shared_expert_intermediate_size", "moe_latent_size", "n_group", "topk_group", "norm_topk_prob",
-        "routed_scaling_factor", "num_nextn_predict_layers", "mtp_layers_block_type",
-        "mtp_hybrid_override_pattern", "layer_norm_epsilon", "tie_word_embeddings",
-    }
-    unknown = sorted(set(hf) - math_keys - _HF_NO_MATH)
+def _reject_unknown(body: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(body) - known)
     if unknown:
-        warnings.warn(f"config.json fields not understood by nemojax (ignored): {unknown}", stacklevel=3)
-    if hf.get("sliding_window") is not None:
-        warnings.warn(
-            "sliding_window is applied to every attention layer; note that transformers' NemotronH "
-            "(5.x) ignores it for full_attention layers",
-            stacklevel=3,
-        )
-    extra = tuple(
-        (k, hf[k]) for k in sorted(_HF_NO_MATH & set(hf)) if k not in ("num_hidden_layers", "architectures")
-    )
-    return ModelConfig(
-        vocab_size=hf.get("vocab_size", 131072),
-        hidden_size=hidden,
-        layers=tuple(spec_of[c] for c in pattern),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        mtp_layers=tuple(spec_of[c] for c in mtp_pattern) if mtp_depth else (),
-        mtp_depth=mtp_depth,
-        ssm_cache_dtype=hf.get("mamba_ssm_cache_dtype", "float32"),
-        name=hf.get("_name_or_path", ""),
-        hf_extra=extra,
-    )
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
 
 
-def _uniform(cfg: ModelConfig, cls) -> Any:
-    """The single spec of `cls` shared by every such layer (HF configs cannot express per-layer specs)."""
-    specs = {s for s in cfg.layers + cfg.mtp_layers if isinstance(s, cls)}
-    if len(specs) > 1:
-        raise ValueError(
-            f"to_hf: layers of kind {cls.kind!r} differ ({len(specs)} distinct specs); an HF NemotronH "
-            "config can only describe homogeneous layers of each kind"
-        )
-    return next(iter(specs), None)
+def _encode(v):
+    """JSON has no infinities: non-finite floats are written as the strings 'inf', '-inf', 'nan'."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, tuple):
+        return [_encode(x) for x in v]
+    return v
 
 
-def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
-    hf: dict[str, Any] = dict(cfg.hf_extra)
-    hf.update(
-        architectures=["NemotronHForCausalLM"],
-        model_type="nemotron_h",
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        layers_block_type=[names[s.symbol] for s in cfg.layers],
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        num_nextn_predict_layers=cfg.mtp_depth,
-        mamba_ssm_cache_dtype=cfg.ssm_cache_dtype,
-        mlp_hidden_act="relu2",
-        mamba_hidden_act="silu",
-    )
-    if cfg.mtp_depth:
-        hf["mtp_layers_block_type"] = [names[s.symbol] for s in cfg.mtp_layers]
-    m, a, f, e = (_uniform(cfg, c) for c in (MambaSpec, AttentionSpec, MLPSpec, MoESpec))
-    if m:
-        hf.update(
-            mamba_num_heads=m.num_heads, mamba_head_dim=m.head_dim, n_groups=m.n_groups,
-            ssm_state_size=m.state_size, conv_kernel=m.conv_kernel, chunk_size=m.chunk_size,
-            use_conv_bias=m.conv_bias, use_bias=m.proj_bias, time_step_limit=list(m.dt_limit),
-            expand=max(1, m.d_inner // cfg.hidden_size),
-        )
-        # transformers' chunked path clamps dt from below at time_step_min (not time_step_limit); writing
-        # the lower dt limit there makes transformers compute what nemojax computes.
-        hf["time_step_min"] = m.dt_limit[0]
-    if a:
-        hf.update(
-            num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
-            sliding_window=a.sliding_window, attention_bias=False,
-        )
-    if f:
-        hf.update(intermediate_size=f.intermediate_size, mlp_bias=f.bias)
-    if e:
-        hf.update(
-            n_routed_experts=e.num_experts, num_experts_per_tok=e.top_k, moe_intermediate_size=e.intermediate_size,
-            moe_shared_expert_intermediate_size=e.shared_intermediate_size or e.intermediate_size,
-            n_shared_experts=1 if e.shared_intermediate_size else 0,
-            moe_latent_size=e.latent_size, n_group=e.n_group, topk_group=e.topk_group,
-            norm_topk_prob=e.norm_topk_prob, routed_scaling_factor=e.routed_scaling_factor,
-        )
-        if f and f.bias != e.bias:
-            raise ValueError("to_hf: MLP and MoE layers must agree on bias (HF has one mlp_bias)")
-        hf.setdefault("mlp_bias", e.bias)
-    return hf
+def _decode(hint, v, where: str):
+    """A JSON value checked against (and converted to) a field's type annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _decode(hint, v, where)
+    if origin is tuple:
+        if not isinstance(v, list) or len(v) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} values; got {v!r}")
+        return tuple(_decode(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+    if hint is float:
+        if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+            return float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    elif hint is int and isinstance(v, int) and not isinstance(v, bool):
+        return v
+    elif hint in (bool, str) and isinstance(v, hint):
+        return v
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}; got {v!r}")
 
 
-# ---------------------------------------------------------------------------------------- presets
 def from_pattern(pattern: str, *, vocab_size: int, hidden_size: int, mamba: MambaSpec | None = None,
                  attention: AttentionSpec | None = None, mlp: MLPSpec | None = None, moe: MoESpec | None = None,
                  mtp_pattern: str = "", mtp_depth: int = 0, **kw) -> ModelConfig:
-    """A config whose layers follow `pattern` (M, *, -, E), one shared spec per kind."""
-    spec_of = {"M": mamba, "*": attention, "-": mlp, "E": moe}
+    """A config whose layers follow `pattern` (M, *, -, E, and . for no-op), one shared spec per kind."""
+    spec_of = {"M": mamba, "*": attention, "-": mlp, "E": moe, ".": NoOpSpec()}
     layers = []
     for i, c in enumerate(pattern + mtp_pattern):
         if c not in spec_of:
-            raise ValueError(f"pattern symbol {c!r} at {i} is unknown; allowed: M, *, -, E")
+            raise ValueError(f"pattern symbol {c!r} at {i} is unknown; allowed: {', '.join(spec_of)}")
         if spec_of[c] is None:
-            raise ValueError(f"pattern uses {c!r} but no {LAYER_KINDS[c].__name__} was given")
+            raise ValueError(f"pattern uses {c!r} but no {SPEC_BY_SYMBOL[c].__name__} was given")
         layers.append(spec_of[c])
     return ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, layers=tuple(layers[: len(pattern)]),
                        mtp_layers=tuple(layers[len(pattern):]), mtp_depth=mtp_depth, **kw)
-
-
-def _nemotron_h(name, pattern, hidden, mamba_heads, state, ffn, heads, kv_heads=8):
-    return from_pattern(
-        pattern, vocab_size=131072, hidden_size=hidden, name=name,
-        mamba=MambaSpec(num_heads=mamba_heads, head_dim=64, n_groups=8, state_size=state),
-        attention=AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=128),
-        mlp=MLPSpec(intermediate_size=ffn),
-    )
-
-
-def _build_presets() -> dict[str, ModelConfig]:
-    p: dict[str, ModelConfig] = {}
-    p["nemotron-h-8b"] = _nemotron_h(
-        "nemotron-h-8b", "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", 4096, 128, 128, 21504, 32)
-    p["nemotron-h-56b"] = _nemotron_h(
-        "nemotron-h-56b",
-        "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-"
-        "M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", 8192, 256, 256, 32768, 64)
-    attn_2kv = AttentionSpec(num_heads=32, num_kv_heads=2, head_dim=128)
-    p["nemotron-3-nano-30b-a3b"] = from_pattern(
-        "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME", vocab_size=131072, hidden_size=2688,
-        name="nemotron-3-nano-30b-a3b",
-        mamba=MambaSpec(num_heads=64, head_dim=64, n_groups=8, state_size=128),
-        attention=attn_2kv,
-        moe=MoESpec(num_experts=128, top_k=6, intermediate_size=1856, shared_intermediate_size=3712,
-                    routed_scaling_factor=2.5),
-    )
-    p["nemotron-3-super-120b-a12b"] = from_pattern(
-        "MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*EMEMEMEME",
-        vocab_size=131072, hidden_size=4096, name="nemotron-3-super-120b-a12b",
-        mamba=MambaSpec(num_heads=128, head_dim=64, n_groups=8, state_size=128),
-        attention=attn_2kv,
-        moe=MoESpec(num_experts=512, top_k=22, intermediate_size=2688, shared_intermediate_size=5376,
-                    latent_size=1024, routed_scaling_factor=5.0),
-        mtp_pattern="*E", mtp_depth=1,
-    )
-    # Tiny presets: every structural feature of the big ones at test/demo scale.
-    tiny_mamba = MambaSpec(num_heads=4, head_dim=16, n_groups=2, state_size=16, chunk_size=16)
-    tiny_attn = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16)
-    p["tiny-hybrid"] = from_pattern("M-M*-", vocab_size=256, hidden_size=64, name="tiny-hybrid",
-                                    mamba=tiny_mamba, attention=tiny_attn, mlp=MLPSpec(128))
-    p["tiny-moe"] = from_pattern(
-        "MEM*E", vocab_size=256, hidden_size=64, name="tiny-moe", mamba=tiny_mamba, attention=tiny_attn,
-        moe=MoESpec(num_experts=8, top_k=2, intermediate_size=32, shared_intermediate_size=64,
-                    n_group=2, topk_group=1, routed_scaling_factor=2.5))
-    p["tiny-latent-mtp"] = from_pattern(
-        "ME*E", vocab_size=256, hidden_size=64, name="tiny-latent-mtp", mamba=tiny_mamba, attention=tiny_attn,
-        moe=MoESpec(num_experts=16, top_k=4, intermediate_size=32, shared_intermediate_size=64,
-                    latent_size=32, routed_scaling_factor=5.0),
-        mtp_pattern="*E", mtp_depth=1)
-    return p
-
-
-PRESETS: dict[str, ModelConfig] = _build_presets()
-
-
-def get(name: str) -> ModelConfig:
-    """A preset by name (see `names()`)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
-
-
-def names() -> list[str]:
-    return sorted(PRESETS)

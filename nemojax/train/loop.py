@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nemojax import config as cfg_mod
+from nemojax import presets
 from nemojax.config import ModelConfig
 from nemojax import data as data_mod
 from nemojax.io.checkpoint import Checkpointer
@@ -50,7 +50,7 @@ def make_dataset(tc: TrainConfig, split: str = "train"):
 def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None, mesh=None) -> HybridLM:
     """The preset's model (or `model_config`'s, which overrides the preset), set up for training; on a
     `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch)."""
-    cfg = model_config or cfg_mod.get(tc.preset)
+    cfg = model_config or presets.get(tc.preset)
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"model {cfg.name or tc.preset!r} has vocab_size {cfg.vocab_size} < the dataset's "
                          f"{vocab_size}; pick a model with a larger vocabulary or a dataset with a smaller one")
@@ -100,7 +100,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(out)
-    model_config = model_config or cfg_mod.get(tc.preset)
+    model_config = model_config or presets.get(tc.preset)
     if ckpt.latest_step() is not None:
         if not tc.resume:
             raise ValueError(f"out_dir {out} already holds checkpoints (latest step {ckpt.latest_step()}); "
