@@ -5,8 +5,7 @@
 
 Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
 - ssd:  Mamba-2 SSD at a Nemotron-H-8B layer (b=4, L=4096, H=128, P=64, G=8, N=128, chunk 128),
-        `ssd(..., implementation="xla")` vs "pallas" (skipped, with a message, while the Pallas SSD
-        is not registered in nemojax.ops.ssd), plus, with --mamba-ssm PATH (a local checkout of
+        `ssd(..., implementation="xla")` vs "pallas", plus, with --mamba-ssm PATH (a local checkout of
         state-spaces/mamba), its Triton `mamba_chunk_scan_combined` through torch on the same
         device and the same inputs (DLPack, no copy). fwd and fwd+bwd, with the fraction of the
         device roofline reached and which bound binds.
@@ -226,14 +225,9 @@ def case_ssd(s, a, peaks):
     C = jax.random.normal(ks[4], (b, l, g, n), jnp.bfloat16)
     ct = jax.random.normal(ks[5], (b, l, h, p), jnp.float32)
     args = (x, dt, A, B, C, ct)
-    impls = {"xla": "xla"}
-    if "pallas" in getattr(ssd_ops, "IMPLEMENTATIONS", ()):
-        impls["pallas"] = "pallas"
-    else:
-        print("  ssd: no 'pallas' implementation in nemojax.ops.ssd yet; timing xla alone")
-    fns = {k: fwd_and_train(lambda x, dt, A, B, C, impl=v: ssd_ops.ssd(
+    fns = {impl: fwd_and_train(lambda x, dt, A, B, C, impl=impl: ssd_ops.ssd(
         x, dt, A, B, C, chunk_size=q, return_final_state=False, implementation=impl), (0, 1, 2, 3, 4))
-        for k, v in impls.items()}
+        for impl in ("xla", "pallas")}
     extra = {}
     if a.mamba_ssm:
         if jax.default_backend() != "gpu":

@@ -1,28 +1,51 @@
-"""Helpers shared by the Triton-style Pallas kernels (ops/ssd, ops/moe, ops/ffn): backend choice,
-compiler parameters, block checks and masked 2-D tile loads/stores."""
+"""Helpers shared by the Triton-style Pallas kernels (ops/ssd, ops/moe, ops/ffn): the launch-config
+base class (backend choice, compiler parameters, tile checks) and masked 2-D tile loads/stores."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-    """interpret=None: interpret everywhere except on a GPU, where the Triton kernel is compiled."""
-    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Launch options every kernel takes; each kernel subclasses it with its tile sizes (`block_*`
+    fields, checked on construction). Frozen, so hashable: a static argument of jit and of the
+    kernels' custom_vjp. interpret=None: interpret unless on a GPU, where Triton compiles the kernel
+    (`resolved()` fixes it at call time, so a config built on import follows the backend)."""
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool | None = None
 
+    # Triton tiles are powers of 2 and tl.dot needs every dimension >= 16; a kernel whose tiles
+    # are zero-padded up to 16 on a GPU (ssd) lowers this and checks the GPU limit itself.
+    min_block = 16
 
-def compiler_params(interpret: bool, num_warps: int, num_stages: int):
-    # Triton CompilerParams is also what selects the Triton lowering over Mosaic GPU.
-    return None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.startswith("block_") and (
+                    not isinstance(value, int) or value < self.min_block or value & (value - 1)):
+                raise ValueError(f"{type(self).__name__}: {field.name} must be a power of 2 >= {self.min_block}; "
+                                 f"got {value!r}")
+        for name in ("num_warps", "num_stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be an int >= 1; got {getattr(self, name)!r}")
 
+    def resolved(self):
+        interpret = jax.default_backend() != "gpu" if self.interpret is None else bool(self.interpret)
+        return dataclasses.replace(self, interpret=interpret)
 
-def check_blocks(who: str, **blocks: int) -> None:
-    for name, b in blocks.items():
-        if not isinstance(b, int) or b < 16 or b & (b - 1):
-            raise ValueError(f"{who}: {name} must be a power of 2 >= 16 (Triton tiles are powers of 2 "
-                             f"and tl.dot needs every dimension >= 16); got {b!r}")
+    def pallas_call(self, kernel, **kwargs):
+        """`pl.pallas_call` in interpret mode or for Triton (its CompilerParams select the Triton
+        lowering over Mosaic GPU); call it on a `resolved()` config."""
+        params = None if self.interpret else pltriton.CompilerParams(num_warps=self.num_warps,
+                                                                     num_stages=self.num_stages)
+        return pl.pallas_call(kernel, interpret=self.interpret, compiler_params=params, **kwargs)
 
 
 def _tile_mask(shape, row_mask, col_mask):

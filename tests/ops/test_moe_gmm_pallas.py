@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.ops.moe.pallas_gmm import gmm, group_metadata, tgmm
+from nemojax.ops.moe.pallas_gmm import GmmConfig, gmm, group_metadata, tgmm
 
 M, K, N, G = 100, 40, 48, 7
-BLOCKS = dict(block_m=16, block_k=16, block_n=32)
+BLOCKS = GmmConfig(block_m=16, block_k=16, block_n=32)
 GROUP_SIZES = {
     # empty first, middle and last groups; sizes not multiples of 16; rows 0..15 span groups
     # 1, 2, 3 and 5; 28 rows past sum(group_sizes)
@@ -65,12 +65,12 @@ def inputs(dtype, seed=0):
 
 @partial(jax.jit, static_argnames="out_dtype")
 def pallas_fwd(lhs, rhs, gs, out_dtype=jnp.float32):
-    return gmm(lhs, rhs, gs, preferred_element_type=out_dtype, **BLOCKS)
+    return gmm(lhs, rhs, gs, preferred_element_type=out_dtype, config=BLOCKS)
 
 
 @jax.jit
 def pallas_grads(lhs, rhs, gs, ct):
-    return jax.grad(lambda a, b: jnp.sum(gmm(a, b, gs, **BLOCKS) * ct), argnums=(0, 1))(lhs, rhs)
+    return jax.grad(lambda a, b: jnp.sum(gmm(a, b, gs, config=BLOCKS) * ct), argnums=(0, 1))(lhs, rhs)
 
 
 @jax.jit
@@ -169,7 +169,7 @@ def test_central_finite_difference():
 def test_tgmm_alone_matches_numpy():
     sizes = GROUP_SIZES["tile_aligned"]
     lhs, _, ct = inputs(jnp.float32, seed=6)
-    out = tgmm(lhs, ct, jnp.array(sizes, jnp.int32), **BLOCKS)
+    out = tgmm(lhs, ct, jnp.array(sizes, jnp.int32), config=BLOCKS)
     np.testing.assert_allclose(np.asarray(out), np_grads(lhs, np.zeros((G, K, N)), sizes, ct)[1],
                                rtol=1e-5, atol=1e-4)
 
@@ -178,9 +178,9 @@ def test_bad_arguments_name_the_field():
     lhs, rhs, _ = inputs(jnp.float32)
     gs = jnp.zeros((G,), jnp.int32)
     with pytest.raises(ValueError, match="block_m must be a power of 2"):
-        gmm(lhs, rhs, gs, block_m=24)
+        GmmConfig(block_m=24)
     with pytest.raises(ValueError, match="block_k must be a power of 2 >= 16"):
-        gmm(lhs, rhs, gs, block_k=8)
+        GmmConfig(block_k=8)
     with pytest.raises(ValueError, match="rhs"):
         gmm(lhs, rhs[:, :-1], gs)
     with pytest.raises(ValueError, match="group_sizes"):
@@ -190,7 +190,7 @@ def test_bad_arguments_name_the_field():
 def test_kernels_lower_to_triton_for_cuda():
     """Forward, dlhs and drhs kernels at the default blocks and bf16, lowered (not run) for an H100."""
     sds = jax.ShapeDtypeStruct
-    f = jax.grad(lambda a, b, g: jnp.sum(gmm(a, b, g, interpret=False)), argnums=(0, 1))
+    f = jax.grad(lambda a, b, g: jnp.sum(gmm(a, b, g, config=GmmConfig(interpret=False))), argnums=(0, 1))
     text = jax.jit(f).trace(sds((384, 192), jnp.bfloat16), sds((8, 192, 160), jnp.bfloat16),
                             sds((8,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     kernels = [line for line in text.splitlines() if "gpu$xla.gpu.triton" in line]

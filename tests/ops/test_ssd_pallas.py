@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from nemojax.ops import ssd
-from nemojax.ops.ssd import pallas_triton, reference
+from nemojax.ops.ssd import SsdConfig, pallas_ssd, reference
 
 # Small power-of-two blocks so every grid has several p-, n- and p*n-blocks.
-BLOCKS = dict(block_p=4, block_n=8, block_pn=32)
+BLOCKS = SsdConfig(block_p=4, block_n=8, block_pn=32)
 CHUNK = 16
 ARGNAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
 
@@ -48,7 +48,7 @@ def loss_and_outputs(fn, weights, args, seq_idx):
 
 
 def _pallas(x, dt, A, B, C, D, initial_state, seq_idx):
-    return pallas_triton.ssd_pallas(x, dt, A, B, C, CHUNK, D, initial_state, seq_idx, **BLOCKS)
+    return pallas_ssd.ssd_pallas(x, dt, A, B, C, CHUNK, D, initial_state, seq_idx, config=BLOCKS)
 
 
 def _sequential(x, dt, A, B, C, D, initial_state, seq_idx):
@@ -163,10 +163,18 @@ def test_bad_input_is_named(change, needle):
         ssd.ssd(**kw)
 
 
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="block_n must be a power of 2 >= 1; got 12"):
+        SsdConfig(block_n=12)
+    with pytest.raises(ValueError, match="num_stages must be an int >= 1"):
+        SsdConfig(num_stages=0)
+
+
 def test_gpu_limits_are_checked_when_not_interpreting():
     args, _ = make()
     with pytest.raises(ValueError, match=">= 16"):
-        pallas_triton.ssd_pallas(*[args[k] for k in ARGNAMES[:5]], CHUNK, block_p=4, interpret=False)
+        pallas_ssd.ssd_pallas(*[args[k] for k in ARGNAMES[:5]], CHUNK,
+                              config=SsdConfig(block_p=4, interpret=False))
 
 
 # ---- Triton lowering, from the CPU ----------------------------------------------------------------
@@ -211,7 +219,8 @@ def test_kernels_lower_to_triton_with_64bit_offsets(triton_modules, b, l, h, g, 
 
     def f(x, dt, A, B, C, D, s0, seq_idx):
         def loss(*a):
-            y, final = pallas_triton.ssd_pallas(*a[:5], chunk, a[5], a[6], seq_idx, interpret=False)
+            y, final = pallas_ssd.ssd_pallas(*a[:5], chunk, a[5], a[6], seq_idx,
+                                                  config=SsdConfig(interpret=False))
             return jnp.sum(y.astype(f32)) + jnp.sum(final), y
         return jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True)(x, dt, A, B, C, D, s0)
 

@@ -44,19 +44,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from nemojax.ops.pallas_common import (check_blocks, compiler_params, dot, edge_mask, load_tile,
-                                       resolve_interpret, store_tile)
+from nemojax.ops.pallas_common import KernelConfig, dot, edge_mask, load_tile, store_tile
 
 
-@dataclasses.dataclass(frozen=True)
-class GmmConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GmmConfig(KernelConfig):
+    """Tiles: bm rows, bk of the contraction, bn output columns (tgmm: output tiles [bk, bn], bm
+    rows a step)."""
     block_m: int = 128
     block_k: int = 64
     block_n: int = 128
-    num_warps: int = 4
     num_stages: int = 3
-    interpret: bool = False
-    out_dtype: jnp.dtype = jnp.float32
 
 
 def group_metadata(group_sizes, m: int, block_m: int):
@@ -127,53 +125,43 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, cfg: GmmConfig, com
     store_tile(out_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), acc, k_mask, n_mask)
 
 
-def _params(cfg):
-    return compiler_params(cfg.interpret, cfg.num_warps, cfg.num_stages)
-
-
 def _gmm_call(lhs, rhs, meta, cfg: GmmConfig, *, transpose_rhs, out_dtype, compute_dtype):
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     kernel = functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-                          grid=(pl.cdiv(m, cfg.block_m), pl.cdiv(n, cfg.block_n)),
-                          interpret=cfg.interpret, compiler_params=_params(cfg),
-                          name="gmm_t" if transpose_rhs else "gmm")(*meta, lhs, rhs)
+    return cfg.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+                           grid=(pl.cdiv(m, cfg.block_m), pl.cdiv(n, cfg.block_n)),
+                           name="gmm_t" if transpose_rhs else "gmm")(*meta, lhs, rhs)
 
 
-def tgmm(lhs, dout, group_sizes, *, block_m: int = 128, block_k: int = 64, block_n: int = 128,
-         out_dtype=jnp.float32, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None):
+def tgmm(lhs, dout, group_sizes, *, out_dtype=jnp.float32, config: GmmConfig | None = None):
     """Per-group lhs_g^T @ dout_g -> [G, K, N] (zero for empty groups); lhs [M, K], dout [M, N].
-
-    The weight gradient of `gmm`; blocks: rows per step (bm), output tile [bk, bn]."""
-    check_blocks("tgmm", block_m=block_m, block_k=block_k, block_n=block_n)
-    cfg = GmmConfig(block_m, block_k, block_n, num_warps, num_stages, resolve_interpret(interpret))
-    offsets = group_metadata(group_sizes, lhs.shape[0], block_m)[0]
+    The weight gradient of `gmm`; config: tiles and launch options (None: the `GmmConfig` defaults)."""
+    cfg = (config or GmmConfig()).resolved()
+    offsets = group_metadata(group_sizes, lhs.shape[0], cfg.block_m)[0]
     return _tgmm_call(lhs, dout, offsets, cfg, out_dtype, jnp.promote_types(lhs.dtype, dout.dtype))
 
 
 def _tgmm_call(lhs, dout, offsets, cfg: GmmConfig, out_dtype, compute_dtype):
     k, n, g = lhs.shape[1], dout.shape[1], offsets.shape[0] - 1
     kernel = functools.partial(_tgmm_kernel, cfg=cfg, compute_dtype=compute_dtype)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-                          grid=(g, pl.cdiv(k, cfg.block_k), pl.cdiv(n, cfg.block_n)),
-                          interpret=cfg.interpret, compiler_params=_params(cfg),
-                          name="tgmm")(offsets, lhs, dout)
+    return cfg.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+                           grid=(g, pl.cdiv(k, cfg.block_k), pl.cdiv(n, cfg.block_n)), name="tgmm")(offsets, lhs, dout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(lhs, rhs, group_sizes, cfg: GmmConfig):
-    return _gmm_fwd(lhs, rhs, group_sizes, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, rhs, group_sizes, cfg: GmmConfig, out_dtype):
+    return _gmm_fwd(lhs, rhs, group_sizes, cfg, out_dtype)[0]
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, cfg):
+def _gmm_fwd(lhs, rhs, group_sizes, cfg, out_dtype):
     meta = group_metadata(group_sizes, lhs.shape[0], cfg.block_m)
-    out = _gmm_call(lhs, rhs, meta, cfg, transpose_rhs=False, out_dtype=cfg.out_dtype,
+    out = _gmm_call(lhs, rhs, meta, cfg, transpose_rhs=False, out_dtype=out_dtype,
                     compute_dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
     return out, (lhs, rhs, meta)
 
 
-def _gmm_bwd(cfg, res, dout):
+def _gmm_bwd(cfg, out_dtype, res, dout):
     lhs, rhs, meta = res
     cd = jnp.promote_types(lhs.dtype, rhs.dtype)
     # dlhs: rows = M, contraction over N, output columns over K; the same tiles as the forward
@@ -185,16 +173,13 @@ def _gmm_bwd(cfg, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm(lhs, rhs, group_sizes, *, preferred_element_type=jnp.float32, block_m: int = 128,
-        block_k: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-        interpret: bool | None = None):
+def gmm(lhs, rhs, group_sizes, *, preferred_element_type=jnp.float32, config: GmmConfig | None = None):
     """Drop-in for `jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=...)`.
 
     lhs [M, K]; rhs [G, K, N]; group_sizes [G] int (rows per group, consecutive from row 0).
     Returns [M, N] in preferred_element_type (None: the promoted input dtype), accumulated in fp32;
     rows past sum(group_sizes) are 0. Differentiable in lhs and rhs (Pallas backward kernels).
-    Blocks: powers of 2 >= 16; tiles of rows (bm), of the contraction (bk) and of out columns (bn).
-    interpret=None: interpret unless on a GPU.
+    config: tiles and launch options (None: the `GmmConfig` defaults).
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
         raise ValueError(f"gmm: lhs must be [M, K] and rhs [G, K, N] with the same K; got lhs {lhs.shape}, "
@@ -202,11 +187,9 @@ def gmm(lhs, rhs, group_sizes, *, preferred_element_type=jnp.float32, block_m: i
     if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"gmm: group_sizes must be an integer array of shape [G] = {(rhs.shape[0],)}; "
                          f"got {group_sizes.dtype} {group_sizes.shape}")
-    check_blocks("gmm", block_m=block_m, block_k=block_k, block_n=block_n)
     out_dtype = jnp.promote_types(lhs.dtype, rhs.dtype) if preferred_element_type is None \
         else jnp.dtype(preferred_element_type)
-    cfg = GmmConfig(block_m, block_k, block_n, num_warps, num_stages, resolve_interpret(interpret), out_dtype)
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), cfg)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), (config or GmmConfig()).resolved(), out_dtype)
 
 
 __all__ = ["GmmConfig", "gmm", "group_metadata", "tgmm"]

@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nemojax.ops.ssd import pallas_triton, reference
+from nemojax.ops.registry import lookup
+from nemojax.ops.ssd import pallas_ssd, reference
 
-IMPLEMENTATIONS = ("xla", "pallas", "sequential")
+
+def _sequential(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx):
+    del chunk_size  # the recurrence has no chunks
+    return reference.ssd_sequential(x, dt, A, B, C, D, initial_state, seq_idx)
 
 
-def _default_implementation() -> str:
-    # "xla" on every backend: on a CPU "pallas" only runs in interpret mode, and on a GPU the
-    # Pallas kernels stay opt-in until they are measured faster there
-    # (experiments/benchmarks/kernels.py, recorded in experiments/benchmarks/RESULTS.md).
+# name -> function(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx) -> (y, final_state);
+# a new kernel is one more entry
+_BY_NAME = {"xla": reference.ssd_chunked, "pallas": pallas_ssd.ssd_pallas, "sequential": _sequential}
+IMPLEMENTATIONS = tuple(_BY_NAME)
+
+
+def default_implementation(backend: str | None = None) -> str:
+    """What `implementation=None` runs on `backend` (None: jax's default): "xla" on every backend.
+    On a CPU "pallas" only runs in interpret mode, and on a GPU the Pallas kernels stay opt-in
+    until they are measured faster there (experiments/benchmarks/kernels.py, recorded in
+    experiments/benchmarks/RESULTS.md)."""
+    del backend  # one answer for all backends until a GPU measurement gives another
     return "xla"
 
 
@@ -42,21 +54,15 @@ def ssd(x, dt, A, B, C, chunk_size=128, D=None, initial_state=None, return_final
         implementation=None, seq_idx=None):
     """Mamba-2 SSD over a whole sequence; returns (y in x's dtype, final_state fp32 [b,h,p,n]),
     or y alone with `return_final_state=False`.
-    implementation: None | "xla" | "pallas" (chunk_size a power of two; interpret mode on a CPU)
-    | "sequential". seq_idx [b, l] ints: packed sequences; the state resets wherever seq_idx
-    changes along a row (initial_state feeds the first sequence, the final state is the last's)."""
+    implementation: None (`default_implementation()`) | "xla" | "pallas" (chunk_size a power of
+    two; interpret mode on a CPU) | "sequential". seq_idx [b, l] ints: packed sequences; the state
+    resets wherever seq_idx changes along a row (initial_state feeds the first sequence, the final
+    state is the last's)."""
+    fn = lookup("ssd", _BY_NAME, implementation, default_implementation)
     _check(x, dt, A, B, C, D, initial_state, seq_idx)
-    impl = implementation or _default_implementation()
-    if impl in ("xla", "pallas") and chunk_size <= 0:
+    if chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be > 0; got {chunk_size}")
-    if impl == "xla":
-        y, final = reference.ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
-    elif impl == "pallas":
-        y, final = pallas_triton.ssd_pallas(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
-    elif impl == "sequential":
-        y, final = reference.ssd_sequential(x, dt, A, B, C, D, initial_state, seq_idx)
-    else:
-        raise ValueError(f"ssd: implementation must be None or one of {IMPLEMENTATIONS}; got {impl!r}")
+    y, final = fn(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     y = y.astype(x.dtype)
     return (y, final) if return_final_state else y
 
@@ -67,4 +73,4 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     return y.astype(x.dtype), state
 
 
-__all__ = ["ssd", "ssd_step", "IMPLEMENTATIONS"]
+__all__ = ["IMPLEMENTATIONS", "default_implementation", "ssd", "ssd_step"]

@@ -83,15 +83,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from nemojax.ops.pallas_common import compiler_params, resolve_interpret
+from nemojax.ops.pallas_common import KernelConfig
 from nemojax.ops.ssd.reference import segment_ids
 
 f32 = jnp.float32
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SsdConfig(KernelConfig):
+    """Tiles: block_p of the head dim p, block_n of the state size n, block_pn of the flattened
+    p*n in state passing (each capped at the padded p, n, p*n). Any power of two in interpret mode;
+    on a GPU the p- and n-tiles must be >= 16 (checked by `ssd_pallas`, which zero-pads small p
+    and n to 16 there)."""
+    block_p: int = 64
+    block_n: int = 64
+    block_pn: int = 256
+
+    min_block = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
-    """Static shapes and launch options (hashable: a nondiff argument of the custom_vjp)."""
+    """Static shapes, tiles and launch options (hashable: a nondiff argument of the custom_vjp)."""
     b: int
     nc: int  # chunks
     q: int  # chunk size
@@ -102,9 +115,7 @@ class _Cfg:
     bp: int
     bn: int
     bpn: int
-    interpret: bool
-    num_warps: int
-    num_stages: int
+    launch: SsdConfig
 
     @property
     def r(self):
@@ -116,9 +127,8 @@ class _Cfg:
 
 
 def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape):
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=cfg.interpret, name=name,
-                          compiler_params=compiler_params(cfg.interpret, cfg.num_warps, cfg.num_stages))
+    return cfg.launch.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                                  name=name)
 
 
 # ---- in-kernel helpers --------------------------------------------------------------------------
@@ -415,27 +425,24 @@ def _next_pow2(v):
 
 # jit: eager calls then reuse the compiled kernels (each trace builds new index maps, which
 # pallas_call's own cache would not recognise); inside an outer jit this is inlined.
-@functools.partial(jax.jit, static_argnames=("chunk_size", "block_p", "block_n", "block_pn", "interpret",
-                                             "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "config"))
 def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None, *,
-               block_p=64, block_n=64, block_pn=256, interpret=None, num_warps=4, num_stages=2):
+               config: SsdConfig | None = None):
     """Chunked SSD through the Pallas kernels; the contract of `reference.ssd_chunked`
     (y [b, l, h, p] in x's dtype, final_state fp32 [b, h, p, n]), differentiable in x, dt, A, B,
-    C, D and initial_state. chunk_size and the block_* sizes (tiles of p, of n, and of the
-    flattened p*n in state passing) must be powers of two; p and n are zero-padded to powers of
-    two (at least 16 on a GPU). interpret=None: interpret mode on a CPU backend. Shapes are checked by `api.ssd`."""
+    C, D and initial_state. chunk_size must be a power of two; p and n are zero-padded to powers
+    of two (at least 16 on a GPU). config: tiles and launch options (None: the `SsdConfig`
+    defaults). Shapes are checked by `api.ssd`."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
-    for name, v in (("chunk_size", chunk_size), ("block_p", block_p), ("block_n", block_n), ("block_pn", block_pn)):
-        if v <= 0 or v & (v - 1):
-            raise ValueError(f"ssd(implementation='pallas'): {name} must be a power of two; got {v}")
-    interpret = resolve_interpret(interpret)
+    if chunk_size <= 0 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"ssd(implementation='pallas'): chunk_size must be a power of two; got {chunk_size}")
+    launch = (config or SsdConfig()).resolved()
     # Triton's dot needs every tile dimension >= 16: on a GPU, small heads / states are zero-padded to 16
-    P, N = (max(_next_pow2(v), 1 if interpret else 16) for v in (p, n))
-    cfg = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(block_p, P),
-               bn=min(block_n, N), bpn=min(block_pn, P * N), interpret=bool(interpret),
-               num_warps=num_warps, num_stages=num_stages)
-    if not cfg.interpret and min(cfg.q, cfg.bp, cfg.bn, N) < 16:
+    P, N = (max(_next_pow2(v), 1 if launch.interpret else 16) for v in (p, n))
+    cfg = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(launch.block_p, P),
+               bn=min(launch.block_n, N), bpn=min(launch.block_pn, P * N), launch=launch)
+    if not launch.interpret and min(cfg.q, cfg.bp, cfg.bn, N) < 16:
         raise ValueError(f"ssd(implementation='pallas') on a GPU: chunk_size, the p- and n-tiles and the "
                          f"(padded) state size n must be >= 16 (Triton's dot); got {chunk_size}, "
                          f"{cfg.bp}, {cfg.bn}, {N}")
@@ -458,4 +465,4 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=N
     return y[:, :l, :, :p].astype(x.dtype), final[:, :, :p, :n]
 
 
-__all__ = ["ssd_pallas"]
+__all__ = ["SsdConfig", "ssd_pallas"]
