@@ -19,6 +19,7 @@ class Attention(nnx.Module):
         self.k_proj = Linear(hidden, hkv * d, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(hidden, hkv * d, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(hq * d, hidden, std=out_std, dtype=dtype, rngs=rngs)
+        self.implementation: str | None = None  # `ops.attention.attention`'s switch: None | "xla" | "jax_nn"
 
     def init_cache(self, batch: int, max_len: int, dtype):
         # [B, Hkv, S, Dh]: the layout the score and value contractions read, so a decode step
@@ -44,5 +45,6 @@ class Attention(nnx.Module):
             k, v = new_cache["k"].swapaxes(1, 2), new_cache["v"].swapaxes(1, 2)
             slots = jnp.arange(k.shape[1], dtype=jnp.int32)
             k_pos = jnp.broadcast_to(jnp.where(slots < pos + l, slots, -1), (b, k.shape[1]))
-        o = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_pos, k_pos, sliding_window=s.sliding_window)
+        o = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_pos, k_pos, sliding_window=s.sliding_window,
+                      implementation=self.implementation)
         return self.o_proj(o.reshape(b, l, s.num_heads * s.head_dim)), new_cache

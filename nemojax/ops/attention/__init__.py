@@ -1,3 +1,3 @@
-from nemojax.ops.attention.reference import attention
+from nemojax.ops.attention.api import IMPLEMENTATIONS, attention, default_implementation
 
-__all__ = ["attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "default_implementation"]
