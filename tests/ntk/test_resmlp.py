@@ -66,14 +66,15 @@ def wide_cross_kernels(params, spec_x, spec_z, X, Z):
 
 @pytest.mark.parametrize("replace_x,replace_z", [
     (None, {1: "remove"}),
-    (None, {1: "linear"}),
+    (None, {2: "linear"}),  # the block with the largest alpha: linearising it moves the NTK by ~18%
     (None, {1: ("fuse", 2)}),
     ({0: "linear"}, {0: ("fuse", 1)}),
 ])
 def test_cross_kernels_match_wide_networks(replace_x, replace_z):
     """The empirical cross-kernels of a wide network and its modified copy, averaged over 8
     initialisations (one network fluctuates by ~10% at this width and alpha), approach
-    `resnet_cross_kernels`."""
+    `resnet_cross_kernels`, and the NTK is further than the tolerance from the cross-kernel of the
+    unmodified copy (the wrong operation: none)."""
     seeds = 8
     X, Z = jnp.asarray(sphere_points(3, seed=0)), jnp.asarray(sphere_points(3, seed=1))
     specs = [ntk.surgery_spec(CROSS_DEPTH, CROSS_WIDTH, r) for r in (replace_x, replace_z)]
@@ -85,10 +86,10 @@ def test_cross_kernels_match_wide_networks(replace_x, replace_z):
     nngp, ntk_ = ntk.resnet_cross_kernels(X, Z, depth=CROSS_DEPTH, alpha=CROSS_ALPHAS, replace_x=replace_x,
                                           replace_z=replace_z)
     for emp, ana in ((emp_nngp, nngp), (emp_ntk, ntk_)):
-        np.testing.assert_allclose(emp, ana, atol=0.08 * float(jnp.max(jnp.abs(ana))))
-    if replace_z != {1: "linear"}:  # linearising changes this kernel by only ~7%: no margin to show it matters
-        change = jnp.max(jnp.abs(ntk.resnet_ntk(X, Z, depth=CROSS_DEPTH, alpha=CROSS_ALPHAS) - ntk_))
-        assert float(change) > 0.15 * float(jnp.max(jnp.abs(ntk_)))
+        np.testing.assert_allclose(emp, ana, rtol=0, atol=0.08 * float(jnp.max(jnp.abs(ana))))
+    _, unmodified = ntk.resnet_cross_kernels(X, Z, depth=CROSS_DEPTH, alpha=CROSS_ALPHAS, replace_x=replace_x,
+                                             replace_z=replace_x)
+    assert float(jnp.max(jnp.abs(emp_ntk - unmodified))) > 0.15 * float(jnp.max(jnp.abs(ntk_)))
 
 
 def test_cross_kernels_reduce_to_the_kernel_of_one_variant():
