@@ -117,7 +117,7 @@ def main(argv=None):
         rows.append({"arch": arch, "pattern": ARCHS[arch], "seq_len": L, "num_kv_pairs": kv, "seed": seed,
                      "accuracy": s["final_eval"]["accuracy"], "loss": s["final_eval"]["ce"],
                      "params_total": params[arch]["total"], "params_active": params[arch]["active"],
-                     "seconds": s["seconds_this_run"]})
+                     "seconds": s["seconds_total"]})
         # rewritten after every run, so an interrupted sweep keeps its finished part
         (args.out / "mqar_ablation.json").write_text(json.dumps(
             {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -33,11 +33,14 @@ def sample_logits(logits, key, temperature: float = 0.0, top_k: int | None = Non
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(temperature, top_k, top_p, key):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0; got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1; got {top_k}")
+def _check_sampling(temperature, top_k, top_p, key, vocab_size: int):
+    if not temperature >= 0:  # also refuses nan
+        raise ValueError(f"temperature must be >= 0 (0: greedy); got {temperature}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError(f"top_k={top_k} and top_p={top_p} truncate the sampling distribution, but temperature 0 "
+                         "is greedy (argmax) and never samples; pass temperature > 0 or leave both None")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be None or in [1, vocab_size={vocab_size}]; got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be None or in (0, 1]; got {top_p}")
     if temperature > 0 and key is None:
@@ -65,13 +68,17 @@ def _generate(graphdef, state, tokens, key, *, max_new_tokens, temperature, top_
 
 def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, key=None):
-    """Continue `tokens` (int [B, L]) by `max_new_tokens`; returns int32 [B, L + max_new_tokens]."""
+    """Continue `tokens` (int [B, L]) by `max_new_tokens`; returns int32 [B, L + max_new_tokens].
+
+    Greedy at `temperature` 0 (where `top_k` / `top_p` are errors: nothing is sampled), else sampling
+    from softmax(logits / temperature), restricted to the `top_k` most likely tokens and to the smallest
+    set whose probability reaches `top_p` when given."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, length>0]; got shape {tokens.shape}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    _check_sampling(temperature, top_k, top_p, key)
+    _check_sampling(temperature, top_k, top_p, key, model.cfg.vocab_size)
     graphdef, state = nnx.split(inference_copy(model))
     return _generate(graphdef, state, tokens, jax.random.key(0) if key is None else key,
                      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p)

@@ -25,35 +25,45 @@ class TrainConfig:
     # optimisation
     steps: int = field(default=300, metadata={"help": "total optimizer steps (the schedule's length)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps (default: steps // 10)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps", "default": "steps // 10"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor, as a fraction of lr"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay (not on norms, biases, A_log, D, dt_bias)"})
-    b1: float = 0.9
-    b2: float = 0.95
+    b1: float = field(default=0.9, metadata={"help": "Adam's first-moment decay"})
+    b2: float = field(default=0.95, metadata={"help": "Adam's second-moment decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clipping (0: off)"})
     compute_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (fp32 master weights)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the data order"})
     # MoE and MTP
-    moe_implementation: str | None = field(default=None, metadata={"help": "dense, ragged or batched (default: "
-                                                                           "fastest for the backend)"})
-    capacity_factor: float | None = field(default=None, metadata={"help": "expert capacity factor (default dropless)"})
+    moe_implementation: str | None = field(default=None, metadata={"help": "dense, ragged or batched",
+                                                                   "default": "the fastest for the backend"})
+    capacity_factor: float | None = field(default=None, metadata={"help": "expert capacity factor",
+                                                                  "default": "dropless"})
     router_bias_rate: float = field(default=1e-3, metadata={"help": "aux-loss-free correction-bias update rate"})
     moe_aux_loss_coef: float = field(default=1e-4, metadata={"help": "per-sequence load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
     mtp_lambda: float = field(default=0.3, metadata={"help": "MTP loss weight (divided by the MTP depth)"})
     # bookkeeping
     out_dir: str = field(default="runs/default", metadata={"help": "checkpoints, metrics.jsonl, loss.png"})
-    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in out_dir"})
+    resume: bool = field(default=True, metadata={"help": "continue from the newest intact checkpoint in out_dir"})
+    resume_step: int | None = field(default=None, metadata={
+        "help": "resume from this checkpoint step instead (later checkpoints are moved to "
+                "out_dir/superseded_checkpoints/, not deleted)"})
+    allow_changes: bool = field(default=False, metadata={
+        "help": "on resume, accept changed optimisation settings (steps, lr, ...); summary.json records them"})
+    skip_memory_check: bool = field(default=False, metadata={
+        "help": "train even when the memory estimate exceeds the machine's memory"})
     save_every: int = field(default=100, metadata={"help": "checkpoint interval in steps"})
     eval_every: int = field(default=100, metadata={"help": "evaluation interval in steps"})
     eval_batches: int = field(default=4, metadata={"help": "batches per evaluation"})
     log_every: int = field(default=10, metadata={"help": "metrics interval in steps"})
     sample_prompt: str = field(default="The ", metadata={"help": "prompt of the sample printed at the end"})
     sample_tokens: int = field(default=160, metadata={"help": "tokens in that sample (0: no sample)"})
-    mesh: str | None = field(default=None, metadata={"help": "device mesh, e.g. data=2,fsdp=2,expert=2 "
-                                                             "(default: all devices on data)"})
+    mesh: str | None = field(default=None, metadata={"help": "device mesh, e.g. data=2,fsdp=2,expert=2",
+                                                     "default": "all devices on data"})
 
     def __post_init__(self):
+        if self.resume_step is not None and self.resume_step < 0:
+            raise ValueError(f"resume_step must be >= 0 or None (the newest intact checkpoint); got {self.resume_step}")
         for name in ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -80,4 +90,24 @@ class TrainConfig:
     def load(cls, path) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         raw = json.loads(Path(path).read_text())
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**raw)
+
+    def changes_from(self, saved: "TrainConfig") -> tuple[list[str], dict]:
+        """What resuming `saved`'s run with this config would change: (fields that must stay fixed,
+        {field: [saved, new]} of the settings that `allow_changes` accepts). Fields in
+        `FREE_ON_RESUME` may always change."""
+        fixed = [k for k in FIXED_ON_RESUME if getattr(saved, k) != getattr(self, k)]
+        others = [f.name for f in dataclasses.fields(self) if f.name not in FIXED_ON_RESUME + FREE_ON_RESUME]
+        return fixed, {k: [getattr(saved, k), getattr(self, k)] for k in others if getattr(saved, k) != getattr(self, k)}
+
+
+# The model, the data and their order: a run with other values is another run.
+FIXED_ON_RESUME = ("preset", "data", "data_path", "data_options", "seq_len", "batch_size", "seed")
+# Bookkeeping and how (not what) to compute. Every other field changes the training trajectory, so
+# resuming with another value needs `allow_changes`.
+FREE_ON_RESUME = ("out_dir", "resume", "resume_step", "allow_changes", "skip_memory_check", "save_every",
+                  "eval_every", "eval_batches", "log_every", "sample_prompt", "sample_tokens", "mesh",
+                  "moe_implementation")

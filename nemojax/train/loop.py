@@ -2,20 +2,24 @@
 that resume bit for bit, JSONL metrics, a tqdm bar, a loss plot, and a save on SIGINT/SIGTERM.
 
 Exact resume: the whole state that the next step depends on is checkpointed (params, optimizer state
-with its step count, router correction biases, RNG key), and the data are a pure function of
-(seed, step), so the data position is the step itself.
+with its step count, router correction biases), and the data are a pure function of (seed, step), so
+the data position is the step itself. Each checkpoint's arrays carry checksums; a damaged newest
+checkpoint is set aside (moved, never deleted) and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -25,11 +29,13 @@ from nemojax import data as data_mod
 from nemojax.io.checkpoint import Checkpointer
 from nemojax.nn.ffn import configure_moe
 from nemojax.nn.model import HybridLM
+from nemojax.train import losses, memory
 from nemojax.train.config import TrainConfig
 from nemojax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from nemojax.train.optimizer import make_optimizer
 from nemojax.train.sample import sample_task, sample_text
-from nemojax.train.sharding import batch_sharding, make_train_mesh, param_specs, shard_train_state, to_shardings
+from nemojax.train.sharding import (batch_sharding, fsdp_replicated, make_train_mesh, param_specs, shard_train_state,
+                                    to_shardings)
 from nemojax.train.step import evaluate, make_eval_step, make_train_step
 
 
@@ -65,14 +71,12 @@ def init_state(tc: TrainConfig, model: HybridLM):
     """(graphdef, optimizer, state): the state is a plain dict PyTree that orbax saves whole."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(tc)
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(tc.seed))}
+    state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     return graphdef, tx, state
 
 
 def merged(graphdef, state) -> HybridLM:
     return nnx.merge(graphdef, state["params"], state["rest"])
-
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -92,31 +96,73 @@ def _stop_requests():
             signal.signal(s, h)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite; nothing of the diverged steps was saved."""
+
+
+def _check_finite(step: int, metrics, tc: TrainConfig, last_saved: int | None) -> None:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    saved = (f"the newest checkpoint (step {last_saved}) is from before it" if last_saved is not None
+             else "no checkpoint was written")
+    raise TrainingDiverged(
+        f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; {saved}. Try a lower --lr "
+        f"(now {tc.lr}) or a longer --warmup-steps (now {tc.warmup_steps}), resuming with --allow-changes, or "
+        f"--compute-dtype float32 (now {tc.compute_dtype}); if it diverges right after a resume, the checkpoint "
+        f"may be damaged: --resume-step picks an older one")
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _resume_checks(tc: TrainConfig, out: Path, model_config: ModelConfig, latest: int) -> dict:
+    """Refuses a resume that would change the run; returns the accepted setting changes."""
+    if not tc.resume:
+        raise ValueError(f"out_dir {out} already holds checkpoints (latest step {latest}); "
+                         "resume (--resume) or choose another --out-dir")
+    saved = TrainConfig.load(out / "train_config.json")
+    fixed, changes = tc.changes_from(saved)
+    if json.loads((out / "model_config.json").read_text()) != json.loads(json.dumps(model_config.to_hf())):
+        fixed.append("model_config")
+    if fixed:
+        raise ValueError(f"cannot resume {out}: {fixed} differ from the saved run; use another --out-dir")
+    if changes and not tc.allow_changes:
+        described = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        raise ValueError(f"cannot resume {out} with changed settings ({described}): the run would continue on "
+                         "another schedule; pass --allow-changes to do so (summary.json records the change), or "
+                         "use another --out-dir")
+    resume_at = latest if tc.resume_step is None else tc.resume_step
+    if tc.steps < resume_at:
+        raise ValueError(f"steps {tc.steps} is below the step to resume from in {out} ({resume_at})")
+    return changes
+
+
 def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bool = False) -> dict:
     """Train (or continue training) per `tc`; returns a summary dict (also written to summary.json).
 
     `model_config` replaces the preset (ablations with custom architectures); the run directory keeps
-    it as model_config.json (HF format), so `load_run`, `nemojax eval` and `generate` rebuild it."""
+    it as model_config.json (HF format), so `load_run`, `nemojax eval` and `generate` rebuild it.
+    Everything is validated before anything is written to `tc.out_dir`. Raises `TrainingDiverged` when
+    the loss or the gradients stop being finite."""
     out = Path(tc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(out)
     model_config = model_config or presets.get(tc.preset)
-    if ckpt.latest_step() is not None:
-        if not tc.resume:
-            raise ValueError(f"out_dir {out} already holds checkpoints (latest step {ckpt.latest_step()}); "
-                             "resume (--resume) or choose another --out-dir")
-        saved = TrainConfig.load(out / "train_config.json")
-        changed = [k for k in ("preset", "data", "data_path", "data_options", "seq_len", "batch_size", "seed")
-                   if getattr(saved, k) != getattr(tc, k)]
-        if json.loads((out / "model_config.json").read_text()) != json.loads(json.dumps(model_config.to_hf())):
-            changed.append("model_config")
-        if changed:
-            raise ValueError(f"cannot resume {out}: {changed} differ from the saved run; use another --out-dir")
-    tc.save(out / "train_config.json")
-    (out / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
+    ckpt = Checkpointer(out, create=False)
+    latest = ckpt.latest_step()
+    changes = _resume_checks(tc, out, model_config, latest) if latest is not None else {}
+    if latest is None and tc.resume_step is not None:
+        raise ValueError(f"resume_step {tc.resume_step}: {out} holds no checkpoints")
+    if tc.resume_step is not None and tc.resume_step not in ckpt.steps():
+        raise ValueError(f"resume_step {tc.resume_step}: no such checkpoint in {ckpt.directory}; available steps: "
+                         f"{ckpt.steps()}")
 
     ds, ds_eval = make_dataset(tc), make_dataset(tc, "validation")
     mesh = make_train_mesh(tc)
+    state_like = jax.eval_shape(lambda: init_state(tc, build_model(tc, ds.vocab_size, model_config))[2])
+    if not tc.skip_memory_check:
+        memory.check(memory.estimate(tc, model_config, state_like, mesh), memory.available())
+
     model = build_model(tc, ds.vocab_size, model_config, mesh)
     graphdef, tx, state = init_state(tc, model)
     if mesh is None:
@@ -125,53 +171,96 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
         state = shard_train_state(state, tx, mesh)
         grad_shardings = to_shardings(param_specs(state["params"], mesh), mesh)
         to_device = lambda b: jax.device_put(b, batch_sharding(mesh))  # noqa: E731
+        replicated = fsdp_replicated(state["params"], mesh)
+        if replicated:
+            _say(f"fsdp={mesh.shape['fsdp']} divides no dimension of {len(replicated)} matrices, so every device "
+                 f"keeps them whole: {', '.join(replicated)}")
     train_step, eval_step = make_train_step(graphdef, tx, tc, grad_shardings), make_eval_step(graphdef, tc)
-    summary = {}
-    if ckpt.latest_step() is not None:
-        state, record = ckpt.restore(state)
+
+    summary, segment = {}, {"start_step": 0}
+    if latest is not None:
+        state, record, skipped = ckpt.restore_intact(state, tc.resume_step)
         summary = record.get("summary", {})
-    else:
+        restored = int(state["step"])
+        why = dict(skipped)
+        for step in [s for s in ckpt.steps() if s > restored]:
+            folder = "damaged_checkpoints" if step in why else "superseded_checkpoints"
+            moved = ckpt.set_aside(step, folder)
+            _say(f"checkpoint step {step} skipped and moved to {moved}: "
+                 + (why[step] if step in why else f"resuming from step {restored} as asked (--resume-step)"))
+        segment.update(start_step=restored, resumed_from=restored, skipped_checkpoints=sorted(why))
+        if changes:
+            summary.setdefault("config_changes", []).append({"step": restored, "changed": changes})
+            _say(f"resuming at step {restored} with changed settings: {changes}")
+    out.mkdir(parents=True, exist_ok=True)
+    tc.save(out / "train_config.json")
+    (out / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
+
+    if latest is None:
         summary["initial_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
+        summary["eval_tokens"] = eval_tokens(ds_eval, tc.eval_batches)
     start = int(state["step"])
-    log = MetricsLog(out / "metrics.jsonl", start)
+    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None)
     if start == 0:
         log.write({"step": 0, "eval_loss": summary["initial_eval"]["ce"],
                    "eval_accuracy": summary["initial_eval"]["accuracy"]})
+    if start < tc.steps:  # a re-run of a finished run adds no segment and compiles nothing
+        summary.setdefault("segments", []).append(segment)
+        # compiled before the progress bar starts, so that its rate and ETA count steps only
+        train_step.lower(state, to_device(ds.batch(start))).compile()
+        eval_step.lower(state, to_device(ds_eval.batch(0))).compile()
     tokens_per_step = tc.batch_size * tc.seq_len
+    last_saved = start if latest is not None else None
 
-    def save(step):
-        ckpt.save(step, state, {"step": step, "data_position": step, "summary": summary})
+    def save(step, interrupted):
+        segment.update(end_step=step, seconds=time.perf_counter() - t0, interrupted=interrupted)
+        summary["seconds_total"] = sum(s["seconds"] for s in summary["segments"])
+        # a copy: orbax may serialise the record after the loop has moved on
+        ckpt.save(step, state, {"step": step, "summary": json.loads(json.dumps(summary, default=float))})
 
     interrupted = None
-    with _stop_requests() as stop, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
-                                        disable=quiet, unit="step") as bar:
-        t0, t_last = time.perf_counter(), time.perf_counter()
-        for step in range(start, tc.steps):
-            state, metrics = train_step(state, to_device(ds.batch(step)))
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                record = {k: v for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                record.update(step=done, tokens_per_s=tokens_per_step * min(tc.log_every, done - start) / (now - t_last))
-                t_last = now
-                if done % tc.eval_every == 0 or done == tc.steps:
-                    ev = evaluate(eval_step, state, ds_eval, tc.eval_batches)
-                    record.update(eval_loss=ev["ce"], eval_accuracy=ev["accuracy"])
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if done % tc.save_every == 0 or done == tc.steps:
-                save(done)
-            if stop["signal"] is not None:
-                interrupted = signal.Signals(stop["signal"]).name
-                if done % tc.save_every and done != tc.steps:
-                    save(done)
-                break
-        ckpt.wait()
-        elapsed = time.perf_counter() - t0
+    try:
+        with _stop_requests() as stop, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
+                                            disable=quiet, unit="step") as bar:
+            t0 = t_last = time.perf_counter()
+            pending = None  # the previous step's (step, metrics), checked once the next step is queued
+            for step in range(start, tc.steps):
+                state, metrics = train_step(state, to_device(ds.batch(step)))
+                if pending is not None:
+                    _check_finite(*pending, tc, last_saved)
+                done = step + 1
+                pending = (done, metrics)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    record = {k: v for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    record.update(step=done,
+                                  tokens_per_s=tokens_per_step * min(tc.log_every, done - start) / (now - t_last))
+                    t_last = now
+                    if done % tc.eval_every == 0 or done == tc.steps:
+                        ev = evaluate(eval_step, state, ds_eval, tc.eval_batches)
+                        record.update(eval_loss=ev["ce"], eval_accuracy=ev["accuracy"])
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+                if stop["signal"] is not None:
+                    interrupted = signal.Signals(stop["signal"]).name
+                # every way out of the loop passes a save, so the segment's time is the saved one
+                if done % tc.save_every == 0 or done == tc.steps or interrupted:
+                    _check_finite(*pending, tc, last_saved)  # a diverged state is never saved
+                    save(done, interrupted)
+                    last_saved = done
+                if interrupted:
+                    break
+    except TrainingDiverged as err:
+        summary["diverged"] = str(err)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        raise
+    finally:
+        ckpt.close()  # waits for the last save
 
     step = int(state["step"])
-    summary.update(step=step, seconds_this_run=elapsed, interrupted=interrupted)
+    summary.update(step=step, interrupted=interrupted,
+                   seconds_total=sum(s["seconds"] for s in summary.get("segments", [])))
     if step == tc.steps and interrupted is None:
         summary["final_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
         model = merged(graphdef, state)
@@ -182,9 +271,13 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     records = read_metrics(out / "metrics.jsonl")
     if records:
         plot_metrics(records, out / "loss.png", title=f"{tc.preset} on {tc.data}")
-    ckpt.close()
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def eval_tokens(ds, n_batches: int) -> int:
+    """How many target tokens the first `n_batches` batches of `ds` score (what `evaluate` averages over)."""
+    return int(sum(np.sum(ds.batch(i)["targets"] != losses.IGNORE) for i in range(n_batches)))
 
 
 def load_run(run_dir, step: int | None = None):
@@ -197,10 +290,9 @@ def load_run(run_dir, step: int | None = None):
     vocab = make_dataset(tc).vocab_size
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(tc, vocab, mc)), nnx.Param, ...)[0]
     like = jax.eval_shape(lambda: init_state(tc, build_model(tc, vocab, mc))[2])
-    ckpt = Checkpointer(run_dir)
+    ckpt = Checkpointer(run_dir, create=False)
     state, record = ckpt.restore(like, step)
     ckpt.close()
     model = merged(graphdef, state)
-    configure_moe(model, collect_stats=False)  # inference: dropless, no stats
+    configure_moe(model, capacity_factor=None, expert_mesh=None, collect_stats=False)  # inference: dropless, no stats
     return tc, model, record
-

@@ -10,11 +10,12 @@ import numpy as np
 
 class MetricsLog:
     """Appends to `path`; on resume from `start_step` it drops records past that step, so a run that was
-    interrupted after its last checkpoint does not leave duplicate or orphaned points."""
+    interrupted after its last checkpoint does not leave duplicate or orphaned points. `start_step=None`
+    (a run that starts afresh) drops every record, those of a run killed before its first checkpoint too."""
 
-    def __init__(self, path, start_step: int = 0):
+    def __init__(self, path, start_step: int | None):
         self.path = Path(path)
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        kept = [r for r in read_metrics(self.path) if start_step is not None and r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:

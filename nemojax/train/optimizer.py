@@ -29,12 +29,12 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
 
 
-def schedule(cfg: TrainConfig) -> optax.Schedule:
+def schedule(tc: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
-        end_value=cfg.lr * cfg.min_lr_ratio)
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps, decay_steps=tc.steps,
+        end_value=tc.lr * tc.min_lr_ratio)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw

@@ -12,7 +12,7 @@ from nemojax.train import losses
 
 
 def sample_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, temperature: float = 0.8,
-                top_k: int | None = 40) -> str:
+                top_k: int | None = 40, top_p: float | None = None) -> str:
     """A sampled continuation of `prompt` (text datasets)."""
     from nemojax.generate import generate
 
@@ -20,7 +20,7 @@ def sample_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, 
         raise ValueError("prompt must be non-empty")
     ids = ds.tokenizer.encode(prompt)[None].astype(np.int32)
     out = generate(model, ids, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k,
-                   key=jax.random.key(seed))
+                   top_p=top_p, key=jax.random.key(seed))
     return ds.tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
 
 

@@ -144,6 +144,20 @@ def sharding_plan(state, mesh) -> dict[str, tuple[P, str]]:
             for path, var in nnx.to_flat_state(state)}
 
 
+def fsdp_replicated(state, mesh) -> list[str]:
+    """"path shape" of each matrix of an nnx.State that the rules would split over "fsdp" but whose
+    dims "fsdp" divides none of, so every device keeps it whole (empty without an fsdp axis > 1)."""
+    if dict(mesh.shape).get("fsdp", 1) == 1:
+        return []
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        name = "/".join(map(str, path))
+        spec = _plan_var(name, var, mesh)[0]
+        if _rule_kind(name, var) in _NDIM and "fsdp" not in tuple(spec):
+            out.append(f"{name} {tuple(np.shape(var.get_value()))}")
+    return out
+
+
 def param_specs(state, mesh):
     """A PartitionSpec for every Variable of an nnx.State, in the state's own tree structure (each
     Variable node kept, the spec as its leaf), so the result serves as jit in/out_shardings, as
@@ -207,5 +221,5 @@ def shard_train_state(state, tx, mesh):
     """Places the train state on `mesh` by the partition rules (optimizer moments follow their params)."""
     p_specs = param_specs(state["params"], mesh)
     specs = {"params": p_specs, "rest": param_specs(state["rest"], mesh),
-             "opt_state": opt_state_specs(tx, state["opt_state"], p_specs), "step": P(), "rng": P()}
+             "opt_state": opt_state_specs(tx, state["opt_state"], p_specs), "step": P()}
     return jax.device_put(state, to_shardings(specs, mesh))

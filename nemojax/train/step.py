@@ -89,9 +89,7 @@ def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None):
         update_router_biases(model, stats, tc.router_bias_rate)
         rest = nnx.split(model, nnx.Param, ...)[2]
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_at(state["step"]))
-        new = {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1,
-               "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])}
-        return new, metrics
+        return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
 

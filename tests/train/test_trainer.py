@@ -61,7 +61,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
 
     _, m1, r1 = loop.load_run(straight.out_dir)
     _, m2, r2 = loop.load_run(resumed.out_dir)
-    assert r1["data_position"] == r2["data_position"] == 6
+    assert r1["step"] == r2["step"] == 6
     for a, b in zip(_leaves(nnx.state(m1)), _leaves(nnx.state(m2)), strict=True):
         np.testing.assert_array_equal(a, b)  # bit for bit, router biases included
     bias = nnx.state(m1, nj.nn.layers.RouterBias)
