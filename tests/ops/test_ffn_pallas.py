@@ -8,7 +8,6 @@ has several blocks and every edge is masked."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -154,15 +153,12 @@ def test_kernels_lower_to_triton_for_cuda():
 
 def test_kernel_benchmark_quick_smoke(tmp_path):
     """kernels.py --quick for this file's kernels and gmm (the Pallas SSD's interpret-mode compile
-    alone takes longer than this smoke test may; the SSD kernel has its own tests)."""
+    alone takes longer than this smoke test may; the SSD kernel has its own tests). It runs whatever
+    the machine's load (~15 s at load 8 on 2 cores); the timeout only catches a hang."""
     out = tmp_path / "kernels.json"
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/kernels.py"), "--quick",
-                               "--only", "gmm,ffn", "--out", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"kernels.py --quick took over {time.monotonic() - t0:.0f} s (machine loaded)")
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/kernels.py"), "--quick",
+                           "--only", "gmm,ffn", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "INTERPRET mode" in proc.stdout
     cases = json.loads(out.read_text())["cases"]
