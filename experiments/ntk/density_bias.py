@@ -10,7 +10,7 @@ prediction r_t = (I - lr K/n)^t y of the analytic NTK, and fit log(iterations) a
 Why 1/p: for a high-frequency residual the NTK integral operator acts locally,
 int K(x, z) r(z) p(z) dz ~ p(x) (K * r)(x), so the local decay rate of frequency k is p(x) mu_k.
 
-    python experiments/ntk/density_bias.py [--ks 2 4 6 8 12 16] [--net-ks 4 6] [--a 0.8]
+    python experiments/ntk/density_bias.py [--ks 2 4 6 8 12 16] [--net-ks 4 6 8] [--a 0.8]
 Writes experiments/ntk/results/density_bias.{json,png}.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -88,6 +89,12 @@ def network_hits(X, y, p0, f0, lr, beta, arc, bins, tol, cap):
     return hits
 
 
+def sparse_dense(p, its, arcs=2):
+    """Mean iterations over the `arcs` sparsest and over the `arcs` densest arcs."""
+    order = np.argsort(p)
+    return [float(np.mean(its[order[:arcs]])), float(np.mean(its[order[-arcs:]]))]
+
+
 def loglog_slope(p, its):
     ok = np.isfinite(its)
     return float(np.polyfit(np.log(p[ok]), np.log(its[ok]), 1)[0])
@@ -96,16 +103,17 @@ def loglog_slope(p, its):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6, 8, 12, 16])
-    ap.add_argument("--net-ks", type=int, nargs="+", default=[4, 6])
+    ap.add_argument("--net-ks", type=int, nargs="+", default=[4, 6, 8])
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--a", type=float, default=0.8)
     ap.add_argument("--bins", type=int, default=16)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--tol", type=float, default=0.1)
-    ap.add_argument("--cap", type=int, default=20000, help="GD steps for the network")
+    ap.add_argument("--cap", type=int, default=40000, help="GD steps for the network")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    start = time.monotonic()
     jax.config.update("jax_enable_x64", True)
     theta = sample_angles(args.n, args.a, np.random.default_rng(args.seed))
     density = (1 + args.a * np.cos(theta)) / (2 * np.pi)
@@ -123,11 +131,13 @@ def main(argv=None):
         y = np.sin(k * theta)
         row = {"k": k, "kernel_iterations": kernel_hits(K, y, lr, arc, args.bins, args.tol)}
         row["kernel_slope"] = loglog_slope(p_arc, row["kernel_iterations"])
+        row["kernel_sparse_dense"] = sparse_dense(p_arc, row["kernel_iterations"])
         if k in args.net_ks:
             row["network_iterations"] = network_hits(X, y, p0, f0, lr, args.beta, arc, args.bins, args.tol, args.cap)
             row["network_slope"] = loglog_slope(p_arc, row["network_iterations"])
+            row["network_sparse_dense"] = sparse_dense(p_arc, row["network_iterations"])
         rows.append(row)
-    summary = {"args": vars(args), "arc_density": p_arc.tolist(), "predicted_slope": -1.0,
+    summary = {"args": vars(args), "seconds": time.monotonic() - start, "arc_density": p_arc.tolist(), "predicted_slope": -1.0,
                "rows": [{key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in r.items()} for r in rows]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "density_bias.json").write_text(json.dumps(summary, indent=1))

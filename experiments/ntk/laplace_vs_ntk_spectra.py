@@ -38,7 +38,8 @@ def main(argv=None):
     }
     ks = np.arange(args.kmax + 1)
     fit = ks[(ks >= args.kmax // 2)]
-    results = {"kmax": args.kmax, "depth": args.depth, "fit_range": [int(fit[0]), int(fit[-1])], "dims": {}}
+    results = {"kmax": args.kmax, "depth": args.depth, "n_quad": args.n_quad, "fit_range": [int(fit[0]), int(fit[-1])],
+               "dims": {}}
     fig, axes = plt.subplots(1, 5, figsize=(20, 4))
     for ax, d in zip(axes, tqdm(range(2, 7), desc="dimensions")):
         results["dims"][d] = {}

@@ -48,7 +48,8 @@ def main(argv=None):
             mu = ntk.zonal_spectrum(kappa, args.d, args.kmax, 6000)
             odd_even = float(mu[3] / mu[2])
             res["runs"].append({"gamma": gamma, "depth": L, "alpha": alpha, "K1": float(k_u[-1]),
-                                "normalised_kernel": (k_u / k_u[-1]).tolist(), "mu": mu.tolist(),
+                                "normalised_kernel": (k_u / k_u[-1]).tolist(), "K0_over_K1": float(kappa(0.0) / k_u[-1]),
+                                "mu": mu.tolist(),
                                 "mu3_over_mu2": odd_even})
             axes[0, col].plot(u, k_u / k_u[-1], label=f"L={L}")
             axes[1, col].semilogy(np.arange(args.kmax + 1), np.abs(mu) / mu[0], "o-", ms=3, label=f"L={L}")
@@ -64,7 +65,7 @@ def main(argv=None):
     (OUT / "resnet_depth_scaling.json").write_text(json.dumps(res))
     print("gamma  depth  K(1)     K(0)/K(1)  mu3/mu2")
     for r in res["runs"]:
-        print(f"{r['gamma']:5.2f} {r['depth']:5d}  {r['K1']:8.3f}  {r['normalised_kernel'][100]:8.4f}  {r['mu3_over_mu2']:8.4f}")
+        print(f"{r['gamma']:5.2f} {r['depth']:5d}  {r['K1']:8.3f}  {r['K0_over_K1']:8.4f}  {r['mu3_over_mu2']:8.4f}")
 
 
 if __name__ == "__main__":

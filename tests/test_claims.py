@@ -1,0 +1,472 @@
+"""The numbers in the project's documents against the files they come from.
+
+Every markdown table with a number in it has an HTML comment on the last non-blank line above it
+that names its source, e.g. `<!-- source: experiments/results/mqar_ablation.json -->` (a `#name` suffix tells
+several tables from one file apart). Below, one function per source renders the table's cells from
+the file with the rounding the text uses; the test compares them cell by cell, header included, so a
+re-run that changes a number fails here until the text follows. Numbers stated in sentences are held
+the same way: a `@prose` function renders, from the file, the phrases that the document must contain.
+
+Adding a table: put the marker above it and register one `@table("path[#name]")` function that
+returns its rows (header first, no separator row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from statistics import mean, median
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "experiments/ntk/README.md", "experiments/benchmarks/RESULTS.md")
+MARKER = re.compile(r"<!--\s*source:\s*(\S+)\s*-->")
+
+# Sections whose tables still wait for their source marker and renderer: (document, heading prefix).
+# The section's owner deletes the entry when adding them. Only *unmarked* tables are excused (a
+# marked table there is checked like any other), and an entry with no unmarked table left fails.
+PENDING_SOURCES = {
+    ("experiments/benchmarks/RESULTS.md", "MoE dispatch"),
+    ("experiments/benchmarks/RESULTS.md", "CPU: nemojax vs HF transformers"),
+}
+
+TABLES: dict[str, Callable] = {}
+PROSE: dict[tuple[str, str], Callable] = {}
+
+
+def table(source: str):
+    def register(fn):
+        TABLES[source] = fn
+        return fn
+    return register
+
+
+def prose(document: str, source: str):
+    def register(fn):
+        PROSE[(document, source)] = fn
+        return fn
+    return register
+
+
+def load(source: str):
+    path = ROOT / source.split("#")[0]
+    return json.loads(path.read_text()) if path.suffix == ".json" else None
+
+
+@dataclasses.dataclass
+class Table:
+    document: str
+    line: int  # 1-based line of the table's first row
+    section: str  # the heading above it
+    source: str | None
+    rows: list[list[str]]
+
+
+def split_row(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def parse_tables(document: str) -> list[Table]:
+    lines = (ROOT / document).read_text().splitlines()
+    tables, section, fenced, i = [], "", False, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            section = line.lstrip("#").strip()
+        elif not fenced and line.startswith("|"):
+            start = i
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            rows = [split_row(x) for x in lines[start:i]
+                    if not all(re.fullmatch(r":?-+:?", c) for c in split_row(x))]
+            above = next((x for x in reversed(lines[:start]) if x.strip()), "")
+            marker = MARKER.fullmatch(above.strip())
+            tables.append(Table(document, start + 1, section, marker and marker.group(1), rows))
+            continue
+        i += 1
+    return tables
+
+
+ALL_TABLES = [t for doc in DOCUMENTS for t in parse_tables(doc)]
+
+
+def has_number(t: Table) -> bool:
+    return any(re.search(r"\d", c) for row in t.rows for c in row)
+
+
+def in_section(t: Table, entry: tuple[str, str]) -> bool:
+    return t.document == entry[0] and t.section.startswith(entry[1])
+
+
+def table_diffs(t: Table) -> list[str]:
+    """Where the table differs from what its source renders, cell by cell."""
+    expected = TABLES[t.source](load(t.source))
+    diffs = [f"row {r}: {'|'.join(got)!r} != {'|'.join(want)!r}"
+             for r, (got, want) in enumerate(zip(t.rows, expected)) if got != want]
+    if len(t.rows) != len(expected):
+        diffs.append(f"{len(t.rows)} rows in the text, {len(expected)} rendered from the file")
+    return diffs
+
+
+# ------------------------------------------------------------------------------------ formatting
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def span(values, fmt=f2, sep="-") -> str:
+    """'lo-hi' of a set of numbers, or the single number when they round alike."""
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo}{sep}{hi}"
+
+
+# ------------------------------------------------------------------------------------- README.md
+MQAR = "experiments/results/mqar_ablation.json"
+
+
+def mqar_cells(d):
+    return {(c["arch"], c["seq_len"], c["num_kv_pairs"]): c for c in d["cells"]}
+
+
+@table(MQAR)
+def mqar_table(d):
+    cells, archs = mqar_cells(d), {r["arch"]: r["pattern"] for r in d["rows"]}
+    grid = sorted({(L, kv) for _, L, kv in cells})
+    rows = [["model"] + [f"L={L}, {kv} pairs" for L, kv in grid]]
+    for arch, pattern in archs.items():
+        rows.append([f"{arch} `{pattern}`"] + [
+            f"{c['accuracy_mean']:.2f} ({c['accuracy_min']:.2f}-{c['accuracy_max']:.2f})"
+            for c in (cells[(arch, L, kv)] for L, kv in grid)])
+    return rows
+
+
+@prose("README.md", MQAR)
+def mqar_prose(d):
+    cfg, cells = d["config"], mqar_cells(d)
+    params = [r["params_total"] for r in d["rows"]]
+    single = ("mamba", "attention")
+    hard = [r for r in d["rows"] if r["num_kv_pairs"] == max(cfg["kv"])]
+    longest = max(cfg["lengths"])
+    # the claims the sentences make, checked before their numbers are rendered
+    for L, kv in {(L, kv) for _, L, kv in cells}:
+        assert min(cells[(a, L, kv)]["accuracy_mean"] for a in ("hybrid", "hybrid-moe")) >= \
+            max(cells[(a, L, kv)]["accuracy_mean"] for a in single), ("hybrids best everywhere", L, kv)
+    solved = [r["accuracy"] for r in hard if r["arch"].startswith("hybrid") and r["seq_len"] == longest]
+    mamba_short = min(r["accuracy"] for r in d["rows"] if r["arch"] == "mamba" and r["num_kv_pairs"] == min(cfg["kv"]))
+    return [
+        f"models of {round(min(params) / 1000)}-{round(max(params) / 1000)}K parameters",
+        f"Recall accuracy after {cfg['steps']} steps (vocabulary {cfg['vocab']}), mean over seeds "
+        f"{' and '.join(map(str, cfg['seeds']))} with their range",
+        f"Pure Mamba degrades with length ({mamba_short:.2f} on one seed at L = {longest} with {min(cfg['kv'])} pairs)",
+        f"at {max(cfg['kv'])} pairs no single-mixer run exceeds "
+        f"{max(r['accuracy'] for r in hard if r['arch'] in single):.2f}",
+        f"at L = {longest} one seed of each hybrid solves it ({', '.join(f2(a) for a in sorted(solved)[2:])}) "
+        f"while the other stays at {span(sorted(solved)[:2])}",
+    ]
+
+
+@table("nemojax/presets.py")
+def preset_table(_):
+    import nemojax as nj
+    from test_config import _closed_form_counts  # equal to nj.param_counts (test_config.py), without tracing
+
+    rows = [["preset", "layers (M / * / - / E)", "total", "active per token"]]
+    for name in ("nemotron-h-8b", "nemotron-h-56b", "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"):
+        cfg = nj.presets.get(name)
+        total, active = _closed_form_counts(cfg)
+        layers = " / ".join(str(cfg.pattern.count(s)) for s in "M*-E")
+        mtp = f" (+ MTP `{cfg.mtp_pattern}`)" if cfg.mtp_depth else ""
+        rows.append([name, layers + mtp, f"{total / 1e9:.2f}B", f"{active / 1e9:.2f}B"])
+    return rows
+
+
+# ------------------------------------------------------------------------- experiments/ntk/README.md
+NTK = "experiments/ntk/README.md"
+SPECTRA = "experiments/ntk/results/laplace_vs_ntk_spectra.json"
+DEPTH = "experiments/ntk/results/resnet_depth_scaling.json"
+FREQ = "experiments/ntk/results/frequency_bias_msk.json"
+DENSITY = "experiments/ntk/results/density_bias.json"
+BLOCKS = "experiments/ntk/results/block_replacement.json"
+
+
+@table(SPECTRA)
+def spectra_table(d):
+    ntk, laplace = f"NTK (depth {d['depth']})", "Laplace (c=1)"
+    return [["d", ntk, "Laplace", "k^-d"]] + [
+        [dim, f2(v[ntk]["slope"]), f2(v[laplace]["slope"]), f"-{dim}"] for dim, v in d["dims"].items()]
+
+
+@prose(NTK, SPECTRA)
+def spectra_prose(d):
+    worst = max(d["dims"], key=int)
+    short = 1 + d["dims"][worst][f"NTK (depth {d['depth']})"]["slope"] / int(worst)
+    return [f"(Gauss-Jacobi quadrature, {d['n_quad']} nodes) of the depth-{d['depth']} ReLU NTK",
+            f"Log-log slopes fitted over k in [{d['fit_range'][0]}, {d['fit_range'][1]}]",
+            f"at k <= {d['kmax']} the d = {worst} slope is still {100 * short:.0f}% short"]
+
+
+@table(DEPTH)
+def depth_table(d):
+    def k1(x):
+        return f"{x:.0f}" if x >= 1000 else f2(x)
+
+    depths = [1, 4, 16, 64]
+    runs = {(r["gamma"], r["depth"]): r for r in d["runs"]}
+    gammas = sorted({g for g, _ in runs})
+    rows = [["gamma", f"K(1) at L = {depths[0]}"] + [str(L) for L in depths[1:]]
+            + [f"K(0)/K(1) at L = {depths[-1]}", f"mu_3/mu_2 at L = {depths[-1]}"]]
+    for g in gammas:
+        last = runs[(g, depths[-1])]
+        rows.append([f"{g:g}"] + [k1(runs[(g, L)]["K1"]) for L in depths]
+                    + [f"{last['K0_over_K1']:.3f}", f"{last['mu3_over_mu2']:.3f}"])
+    return rows
+
+
+@table(FREQ)
+def frequency_table(d):
+    rows = d["rows"]
+    return [["k"] + [str(r["k"]) for r in rows],
+            ["GD, measured"] + [str(r["gd_measured"]) for r in rows],
+            ["GD, NTK prediction (I - lr K/n)^t"] + [str(r["gd_predicted"]) for r in rows],
+            [f"PGD, top {d['args']['flatten']} eigenpairs flattened"] + [str(r["pgd_measured"]) for r in rows]]
+
+
+@prose(NTK, FREQ)
+def frequency_prose(d):
+    a, rows, drift = d["args"], d["rows"], d["kernel_drift"]
+    close = [r for r in rows if r["k"] <= 4]
+    far = [r for r in rows if r["k"] >= 6]
+    worst_close = max(abs(r["gd_measured"] / r["gd_predicted"] - 1) for r in close)
+    slopes = d["loglog_slope_k>=2"]
+    return [
+        f"Two-layer ReLU net, width {a['width']}, biases of scale {a['beta']:g}, n = {a['n']} equispaced points",
+        f"iterations until the loss falls below {100 * a['tol']:g}% of its start",
+        f"For k <= {close[-1]['k']} the kernel-regime prediction matches the trained network within "
+        f"{math.ceil(100 * worst_close)}%",
+        f"least-squares fit over k = 2..{rows[-1]['k']}: the predicted count grows like "
+        f"k^{slopes['gd_predicted']:.2f} and the measured one like k^{slopes['gd_measured']:.2f}",
+        f"at k = {far[0]['k']}-{far[-1]['k']} the measured count is "
+        f"{span([r['gd_measured'] / r['gd_predicted'] for r in far], lambda x: f'{x:.1f}')}x the prediction",
+        f"the target's Rayleigh quotient is "
+        f"{span([1 / r['rayleigh_over_lambda_max'] for r in far], lambda x: f'{x:.0f}')}x below lambda_max",
+        f"at initialisation the empirical NTK's Rayleigh quotient of sin {drift['k']} theta is "
+        f"{drift['empirical_over_analytic_at_init']:.2f}x the analytic one; after {drift['steps']} GD steps it is "
+        f"{drift['trained_over_init']:.2f}x its initial value",
+        f"flattening the top {a['flatten']} eigenvalues of K/n makes the count almost flat in k: "
+        f"{d['speedup_at_max_k']:.0f}x fewer iterations than GD at k = {rows[-1]['k']}",
+    ]
+
+
+@table(DENSITY)
+def density_table(d):
+    def sd(pair):
+        return f"{pair[0]:.0f} / {pair[1]:.0f}"
+
+    rows = [["k", "NTK slope", "network slope", "NTK iterations, sparse / dense arc", "network, sparse / dense"]]
+    for r in d["rows"]:
+        net = "network_slope" in r
+        rows.append([str(r["k"]), f2(r["kernel_slope"]), f2(r["network_slope"]) if net else "",
+                     sd(r["kernel_sparse_dense"]), sd(r["network_sparse_dense"]) if net else ""])
+    return rows
+
+
+@prose(NTK, DENSITY)
+def density_prose(d):
+    a, rows, p = d["args"], {r["k"]: r for r in d["rows"]}, d["arc_density"]
+    net = [k for k in a["net_ks"] if k in rows]
+
+    def over(k):  # measured / predicted iterations on the sparse and the dense arcs
+        return [n / m for n, m in zip(rows[k]["network_sparse_dense"], rows[k]["kernel_sparse_dense"])]
+
+    followed = [k for k in net if abs(rows[k]["network_slope"] + 1) < 0.1]
+    broken = [k for k in net if k not in followed]
+    out = [f"n = {a['n']} points drawn (jittered quantiles) from p(theta) = (1 + {a['a']:g} cos theta)/(2 pi), so "
+           f"the density varies {max(p) / min(p):.0f}x between the sparsest and densest of {a['bins']} arcs",
+           f"Same two-layer network and lr as experiment 3 (width {a['width']}, bias scale {a['beta']:g}",
+           f"below {100 * a['tol']:g}% of its start",
+           f"At k = {rows[2]['k']} the residual is a global mode and converges nearly uniformly "
+           f"(slope {rows[2]['kernel_slope']:.1f})",
+           f"The trained network follows the law at k = {' and '.join(map(str, followed))} (slopes "
+           f"{', '.join(f2(rows[k]['network_slope']) for k in followed)}; counts within "
+           f"{span([x for k in followed for x in over(k)], lambda x: f'{x:.1f}')}x of the prediction)"]
+    for k in broken:
+        out.append(f"At k = {k} the network is {over(k)[0]:.1f}x (sparse) to {over(k)[1]:.1f}x (dense arcs) slower "
+                   f"than predicted and the slope flattens to {f2(rows[k]['network_slope'])}")
+    out.append(f"took {d['seconds'] / 60:.0f} min")
+    return out
+
+
+def blocks_setting(d, name):
+    return next(s for s in d["settings"] if s["name"] == name)
+
+
+def rhos(s, pair, fmt=f2):
+    return ", ".join(fmt(s["spearman"][pair][op]["rho"]) for op in ("remove", "linear", "fuse", "all"))
+
+
+def ratios(s, pair):
+    return ", ".join(f2(s["median_ratio"][pair][op]) for op in ("remove", "linear", "fuse"))
+
+
+@table(BLOCKS)
+def blocks_table(d):
+    rows = [["setting", "seeds", "base test MSE predicted / measured (mean, range)",
+             "surgery rho: remove, linear, fuse, all", "measured/predicted (surgery)",
+             "retrain rho: remove, linear, fuse, all", "measured/predicted (retrain)"]]
+    for s in d["settings"]:
+        base = s["base_test_mse"]
+        m = base["measured"]
+        rows.append([s["name"], str(s["seeds"]),
+                     f"{base['predicted']:.2g} / {mean(m):.2g} ({min(m):.2g}-{max(m):.2g})",
+                     rhos(s, "lazy_surgery vs surgery"), ratios(s, "surgery / lazy_surgery"),
+                     rhos(s, "lazy_retrain vs retrain"), ratios(s, "retrain / lazy_retrain")])
+    return rows
+
+
+@prose(NTK, BLOCKS)
+def blocks_prose(d):
+    a, ops = d["args"], ("remove", "linear", "fuse")
+    ref, one, narrow, big, adam, raw = (blocks_setting(d, n) for n in (
+        "alpha=L^-1/2, m=256", "alpha=1, m=256", "alpha=L^-1/2, m=64", "alpha=2, m=64, 600 steps",
+        "alpha=L^-1/2, m=256, Adam", "alpha=L^-1/2, m=256, raw f"))
+
+    def rho(s, pair, op):
+        return s["spearman"][pair][op]["rho"]
+
+    def ratio(s, pair, op):
+        return s["median_ratio"][pair][op]
+
+    def column(s, key, op=None):
+        return [r[key] for r in s["rows"] if op in (None, r["op"])]
+
+    def base(s):
+        return mean(s["base_test_mse"]["measured"]), s["base_test_mse"]["predicted"]
+
+    def f3(x):
+        return f"{x:.3f}"
+
+    def f4(x):
+        return f"{x:.4f}"
+
+    # the sentences' qualitative claims, checked before their numbers are rendered
+    damage = [mean(column(ref, "surgery", op)) for op in ops]
+    assert damage == sorted(damage, reverse=True), damage  # "fusion is the safest op, then linearisation"
+    noise, signal = median(column(big, "retrain_seed_std")), median(map(abs, column(big, "lazy_retrain")))
+    assert noise > signal, (noise, signal)  # "retraining ranks are lost" to seed noise
+    significant = min(abs(x["rho"]) for s in d["settings"] for x in s["spearman"]["lazy_surgery vs surgery"].values()
+                      if x["p"] < 0.05 and x["n"] == 6)
+    kernel_remove = ref["spearman"]["kernel vs surgery"]["remove"]
+    centred = [s for s in d["settings"] if s["centred"] and s is not ref]
+    return [
+        f"L = {a['depth']} blocks with an uneven profile alpha_l = alpha ({', '.join(map(f2, d['profile']))})",
+        f"n = {a['n']} training and {a['n_test']} test points, target = sum of spherical harmonics of degrees "
+        f"{a['degrees'][0]}-{a['degrees'][-1]}",
+        f"{a['steps']} steps; the network trained is",
+        f"For each of the {len(ref['rows'])} candidates",
+        f"`kernel` vs retrain {rhos(ref, 'kernel vs retrain')} and `spectral` vs retrain "
+        f"{rhos(ref, 'spectral vs retrain')}; against surgery {rhos(ref, 'kernel vs surgery')} (kernel) and "
+        f"{rhos(ref, 'spectral vs surgery')} (spectral)",
+        f"With 6 points per op, rho >= {significant:.2f} has p < 0.05; rho = {kernel_remove['rho']:.2f} does not "
+        f"(p = {kernel_remove['p']:.2f})",
+        f"both for retraining (rho = {span([rho(ref, 'lazy_retrain vs retrain', op) for op in ops])} per op) and, "
+        f"through the cross-kernels, for surgery on the trained weights "
+        f"({span([rho(ref, 'lazy_surgery vs surgery', op) for op in ops])})",
+        f"surgery damage {span([ratio(ref, 'surgery / lazy_surgery', op) for op in ops])}x the prediction, "
+        f"retrained networks {span([ratio(ref, 'retrain / lazy_retrain', op) for op in ops])}x the predicted change "
+        f"(their base test MSE is {base(ref)[0] / base(ref)[1]:.2f}x the kernel's too)",
+        f"ranks retraining as well as the data-based lazy prediction here ({rhos(ref, 'spectral vs retrain')})",
+        f"rho = {span([rho(s, 'lazy_surgery vs surgery', 'remove') for s in centred])} for remove and "
+        f"{span([rho(s, 'lazy_surgery vs surgery', 'fuse') for s in centred])} for fuse in every centred setting",
+        f"even under Adam the measured damage is {span([ratio(adam, 'surgery / lazy_surgery', op) for op in ops])}x "
+        f"the prediction",
+        f"(test MSE {base(adam)[0]:.2g} vs the kernel's {base(adam)[1]:.2g})",
+        f"every modified architecture reaches the same loss (all {len(adam['rows'])} changes within "
+        f"+-{max(map(abs, column(adam, 'retrain'))):.4f}, seed s.d. up to "
+        f"{max(column(adam, 'retrain_seed_std')):.4f})",
+        f"while the kernel predicts changes of {span(column(adam, 'lazy_retrain'), f4)}",
+        f"The correlations ({f2(rho(adam, 'lazy_retrain vs retrain', 'all'))} overall) rank noise",
+        f"base loss {span([m / base(big)[1] for m in big['base_test_mse']['measured']], lambda x: f'{x:.1f}')}x the "
+        f"prediction and retraining ranks are lost (remove {f2(rho(big, 'lazy_retrain vs retrain', 'remove'))}, "
+        f"linear {f2(rho(big, 'lazy_retrain vs retrain', 'linear'))}, fuse "
+        f"{f2(rho(big, 'lazy_retrain vs retrain', 'fuse'))})",
+        f"the median seed s.d. of a measured change ({noise:.3f}) is larger than the median predicted change "
+        f"({signal:.3f})",
+        f"(predicted {span(column(big, 'lazy_retrain', 'linear'), f3, ' to ')}, measured "
+        f"{span(column(big, 'retrain', 'linear'), lambda x: f'{x:+.3f}', ' to ')})",
+        f"anti-correlated with linear surgery damage here (rho = {f2(rho(big, 'kernel vs surgery', 'linear'))}), "
+        f"while the lazy cross-kernel prediction keeps rho = {f2(rho(big, 'lazy_surgery vs surgery', 'linear'))} "
+        f"({f2(rho(big, 'lazy_surgery vs surgery_hermite', 'linear'))} for the theory's Hermite stand-in, whose "
+        f"damage is {f2(ratio(big, 'surgery_hermite / lazy_surgery', 'linear'))}x the prediction; the least-squares "
+        f"stand-in fits the non-Gaussian pre-activations better and does "
+        f"{f2(ratio(big, 'surgery / lazy_surgery', 'linear'))}x the predicted damage)",
+        f"retrain ranks for linear ({f2(rho(narrow, 'lazy_retrain vs retrain', 'linear'))}) and fuse "
+        f"({f2(rho(narrow, 'lazy_retrain vs retrain', 'fuse'))}) are noise-limited",
+        f"remove (larger effects) keeps rho = {f2(rho(narrow, 'lazy_retrain vs retrain', 'remove'))}",
+        f"whose expected damage the theory gets right (ratio {f2(ratio(raw, 'surgery / lazy_surgery', 'remove'))}) "
+        f"but whose realisation is one draw per seed, so the ranking of removals is noisy "
+        f"(rho = {f2(rho(raw, 'lazy_surgery vs surgery', 'remove'))} with {raw['seeds']} seeds)",
+        f"At alpha = 1 the absolute base loss is off by {base(one)[0] / base(one)[1]:.1f}x "
+        f"({f3(base(one)[1])} vs {f3(base(one)[0])}) although ranks survive (the linear retrain ranks drop to "
+        f"{f2(rho(one, 'lazy_retrain vs retrain', 'linear'))})",
+        f"Runtime: {d['seconds'] / 60:.1f} min wall",
+        f"`--seeds` sets the seed count ({a['seeds']} at m = {a['width']}, {narrow['seeds']} at "
+        f"m = {a['small_width']})",
+    ]
+
+
+# ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
+def test_every_table_with_numbers_names_its_source():
+    unbacked = [f"{t.document}:{t.line} (section {t.section!r}): {' | '.join(t.rows[0])}"
+                for t in ALL_TABLES if t.source is None and has_number(t)
+                and not any(in_section(t, entry) for entry in PENDING_SOURCES)]
+    assert not unbacked, "tables without a `<!-- source: ... -->` marker:\n" + "\n".join(unbacked)
+
+
+def test_pending_sources_are_still_pending():
+    stale = [entry for entry in PENDING_SOURCES
+             if not any(t.source is None and has_number(t) and in_section(t, entry) for t in ALL_TABLES)]
+    assert not stale, f"every table of these sections has its source: remove them from PENDING_SOURCES: {stale}"
+
+
+def test_every_renderer_has_its_table():
+    used = {t.source for t in ALL_TABLES}
+    assert not set(TABLES) - used, f"renderers without a table: {sorted(set(TABLES) - used)}"
+    for document, source in PROSE:
+        assert document in DOCUMENTS and (ROOT / source.split("#")[0]).exists(), (document, source)
+
+
+@pytest.mark.parametrize("t", [t for t in ALL_TABLES if t.source], ids=lambda t: f"{t.document}:{t.line}")
+def test_table_matches_its_source(t):
+    assert t.source in TABLES, f"{t.document}:{t.line} names {t.source!r}, which has no renderer in {__file__}"
+    assert (ROOT / t.source.split("#")[0]).exists(), f"{t.document}:{t.line}: {t.source} does not exist"
+    diffs = table_diffs(t)
+    assert not diffs, f"{t.document}:{t.line} vs {t.source}:\n" + "\n".join(diffs)
+
+
+def test_a_number_that_moved_is_caught():
+    t = next(t for t in ALL_TABLES if t.source == MQAR)
+    assert not table_diffs(t)
+    moved = [row[:] for row in t.rows]
+    moved[1][2] = "0.09 (0.03-0.14)"
+    assert table_diffs(dataclasses.replace(t, rows=moved)) == [
+        f"row 1: {'|'.join(moved[1])!r} != {'|'.join(t.rows[1])!r}"]
+    assert table_diffs(dataclasses.replace(t, rows=t.rows[:-1]))  # a dropped row
+    unmarked = dataclasses.replace(t, source=None)
+    assert has_number(unmarked) and not any(in_section(unmarked, entry) for entry in PENDING_SOURCES)
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("document,source", list(PROSE), ids=lambda x: x)
+def test_prose_matches_its_source(document, source):
+    text = normalised((ROOT / document).read_text())
+    missing = [p for p in PROSE[(document, source)](load(source)) if normalised(p) not in text]
+    assert not missing, f"{document} should state, from {source}:\n" + "\n".join(missing)
