@@ -5,7 +5,6 @@ among the sequence's own values, 1 / num_kv_pairs)."""
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from nemojax import HybridLM, data
@@ -50,8 +49,8 @@ def test_hybrid_learns_mqar():
     assert train_mqar("M*", steps=400) > 0.7  # chance 1/16, recall-free best 1/4
 
 
-@pytest.mark.slow
 def test_attention_only_learns_mqar():
     # NoPE attention must first derive the previous token from the causal mask alone: slower to form and
-    # seed-dependent (init seeds 0-5 give 0.97, 0.97, 0.97, 0.96, 0.63, 0.97 at 1000 steps).
-    assert train_mqar("*-*-", steps=1000) > 0.8
+    # seed-dependent (init seeds 0-5 give 0.97, 0.97, 0.97, 0.96, 0.63, 0.97 at 1000 steps); seed 0
+    # reaches 0.78 at 300 steps and 0.93 at 500.
+    assert train_mqar("*-*-", steps=500) > 0.8
