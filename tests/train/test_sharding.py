@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import nemojax as nj
-from nemojax.ops.moe.expert_parallel import expert_capacity, moe_ffn_expert_parallel
+from nemojax.ops.moe import capacity, moe_ffn_expert_parallel
 from nemojax.train import sharding as sh
 
 TINY = ["tiny-hybrid", "tiny-moe", "tiny-latent-mtp"]
@@ -127,12 +127,13 @@ def test_single_device_mesh():
 
 # -------------------------------------------------------------------------- expert parallel
 def test_capacity_formula():
-    assert expert_capacity(32, 4, None) == 32
-    assert expert_capacity(32, 4, 1.0) == 8
-    assert expert_capacity(32, 4, 1.3) == 11  # ceil(10.4)
-    assert expert_capacity(32, 4, 100.0) == 32
+    # a device's send buffer: its 32 assignments over 4 destination devices, at most all 32 to one
+    assert capacity(32, 4, None, limit=32) == 32
+    assert capacity(32, 4, 1.0, limit=32) == 8
+    assert capacity(32, 4, 1.3, limit=32) == 11  # ceil(10.4)
+    assert capacity(32, 4, 100.0, limit=32) == 32
     with pytest.raises(ValueError, match="capacity_factor"):
-        expert_capacity(32, 4, 0.0)
+        capacity(32, 4, 0.0, limit=32)
 
 
 def test_expert_parallel_argument_errors():
@@ -147,15 +148,11 @@ def test_expert_parallel_argument_errors():
 
 
 # ------------------------------------------------------------------ 8 devices, in a subprocess
-def run_check(*args):
-    proc = subprocess.run([sys.executable, str(CHECK), *args], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def multi():
-    return run_check()
+    proc = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def assert_step(r):
@@ -168,13 +165,14 @@ def test_subprocess_has_8_devices(multi):
     assert multi["mesh_minus_one"] == {"data": 4, "fsdp": 1, "expert": 2}
 
 
-@pytest.mark.parametrize("name", ["tiny-moe_2x2x2", "tiny-hybrid_8x1x1"])
+@pytest.mark.parametrize("name", ["tiny-moe_2x2x2", "tiny-hybrid_8x1x1", "tiny-latent-mtp_1x4x2"])
 def test_sharded_step_equals_single_device_step(multi, name):
     assert_step(multi[f"step_{name}"])
 
 
 def test_fsdp_and_expert_axes_shard_something(multi):
     assert multi["step_tiny-moe_2x2x2"]["sharded_leaves"] > 0
+    assert multi["step_tiny-latent-mtp_1x4x2"]["sharded_leaves"] > 0
     assert multi["step_tiny-hybrid_8x1x1"]["sharded_leaves"] == 0  # pure data parallelism
 
 
@@ -203,11 +201,3 @@ def test_trainer_expert_parallel_mesh_matches_data_parallel(multi):
     assert r["steps"] == 4 and r["load_keys"] > 0 and r["ep_traces"] > 0  # the EP run did go through it
     assert r["loss_err"] < 1e-5 and r["load_err"] < 1e-6, r
 
-
-@pytest.mark.slow
-def test_sharded_steps_on_more_presets_and_meshes():
-    results = run_check("--slow")
-    steps = [k for k in results if k.startswith("step_")]
-    assert len(steps) == 6
-    for k in steps:
-        assert_step(results[k])
