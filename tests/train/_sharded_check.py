@@ -2,13 +2,11 @@
 count must be fixed before jax starts, and the pytest process has already started it with one).
 
 Prints one JSON line: {check name: {measured numbers}}; test_sharding.py asserts on them.
-`--slow` adds the remaining preset x mesh combinations.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 # Cheap LLVM codegen: these checks compile a dozen small programs and run each once.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
@@ -221,19 +219,19 @@ def mesh_name(shape) -> str:
     return "x".join(map(str, shape))
 
 
-STEP_RUNS = [("tiny-moe", (2, 2, 2)), ("tiny-hybrid", (8, 1, 1))]
-SLOW_STEP_RUNS = [("tiny-moe", (8, 1, 1)), ("tiny-hybrid", (2, 2, 2)), ("tiny-latent-mtp", (2, 2, 2)),
-                  ("tiny-latent-mtp", (1, 4, 2))]
+# Every axis and layer kind once: routed experts over expert x fsdp, pure data parallelism, and
+# LatentMoE + MTP with fsdp = 4.
+STEP_RUNS = [("tiny-moe", (2, 2, 2)), ("tiny-hybrid", (8, 1, 1)), ("tiny-latent-mtp", (1, 4, 2))]
 EP_MESHES = [(1, 1, 8), (2, 1, 4)]
 
 
-def main(slow: bool) -> dict:
+def main() -> dict:
     results = {"devices": jax.device_count(), "mesh_minus_one": dict(sh.make_mesh(data=-1, expert=2).shape)}
     for mesh_shape in EP_MESHES:
         results[f"ep_{mesh_name(mesh_shape)}"] = ep_check(mesh_shape)
     results["ep_capacity_2x1x4"] = ep_capacity_check((2, 1, 4), 1.0)
     problems = {}
-    for preset, mesh_shape in STEP_RUNS + (SLOW_STEP_RUNS if slow else []):
+    for preset, mesh_shape in STEP_RUNS:
         if preset not in problems:
             problems[preset] = make_problem(preset)
         results[f"step_{preset}_{mesh_name(mesh_shape)}"] = step_check(problems[preset], mesh_shape)
@@ -244,4 +242,4 @@ def main(slow: bool) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(slow="--slow" in sys.argv[1:])))
+    print(json.dumps(main()))
