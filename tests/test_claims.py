@@ -22,6 +22,9 @@ from pathlib import Path
 from statistics import mean, median
 
 import pytest
+from test_config import _closed_form_counts  # equals nj.param_counts (test_config.py asserts it), no tracing
+
+import nemojax as nj
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "experiments/ntk/README.md", "experiments/benchmarks/RESULTS.md")
@@ -173,9 +176,6 @@ def mqar_prose(d):
 
 @table("nemojax/presets.py")
 def preset_table(_):
-    import nemojax as nj
-    from test_config import _closed_form_counts  # equal to nj.param_counts (test_config.py), without tracing
-
     rows = [["preset", "layers (M / * / - / E)", "total", "active per token"]]
     for name in ("nemotron-h-8b", "nemotron-h-56b", "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"):
         cfg = nj.presets.get(name)
@@ -184,6 +184,14 @@ def preset_table(_):
         mtp = f" (+ MTP `{cfg.mtp_pattern}`)" if cfg.mtp_depth else ""
         rows.append([name, layers + mtp, f"{total / 1e9:.2f}B", f"{active / 1e9:.2f}B"])
     return rows
+
+
+@prose("README.md", "nemojax/presets.py")
+def preset_prose(_):
+    cfg = nj.presets.get("nemotron-3-nano-30b-a3b")
+    embedding = cfg.vocab_size * cfg.hidden_size
+    return [f"(Nano: {(_closed_form_counts(cfg)[1] - embedding) / 1e9:.2f}B without the {embedding / 1e9:.2f}B input "
+            f"embedding)"]
 
 
 # ------------------------------------------------------------------------- experiments/ntk/README.md
