@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -22,81 +21,21 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 from tqdm.auto import tqdm
 
-from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec
+from nemojax.config import ModelConfig
+from nemojax.io.hf_config import hf_incompatibility, read_hf_config
+from nemojax.io.tensors import Entry
 from nemojax.nn.model import HybridLM
+from nemojax.nn.registry import kind_of
 
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "config.json"  # HF NemotronH's, written when the model fits it
+NATIVE_CONFIG_NAME = "nemojax_config.json"  # lossless, written for every model
 INDEX_NAME = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One checkpoint tensor: its HF name, where it lives in the NNX state, and how it is laid out."""
-
-    name: str
-    path: tuple
-    layout: str  # "copy" | "t" (2-D transpose) | "conv" ([C,1,K] <-> [K,C]) | "experts" (swap last two axes)
-
-    def to_nnx(self, t):
-        if self.layout == "t":
-            return t.T
-        if self.layout == "conv":
-            return t[:, 0, :].T
-        if self.layout == "experts":
-            return jnp.swapaxes(t, -1, -2)
-        return t
-
-    def to_hf(self, a):
-        if self.layout == "conv":
-            return a.T[:, None, :]
-        return self.to_nnx(a)  # the other layouts are involutions
-
-    def hf_shape(self, nnx_shape):
-        if self.layout == "t":
-            return nnx_shape[::-1]
-        if self.layout == "conv":
-            return (nnx_shape[1], 1, nnx_shape[0])
-        if self.layout == "experts":
-            return (*nnx_shape[:-2], nnx_shape[-1], nnx_shape[-2])
-        return tuple(nnx_shape)
-
-
-def _linear(name, path, bias):
-    out = [Entry(f"{name}.weight", (*path, "kernel"), "t")]
-    return out + ([Entry(f"{name}.bias", (*path, "bias"), "copy")] if bias else [])
-
-
 def _block_entries(spec, hf: str, path: tuple) -> list[Entry]:
-    m, p = f"{hf}.mixer", (*path, "mixer")
-    out = [Entry(f"{hf}.norm.weight", (*path, "norm", "weight"), "copy")]
-    if isinstance(spec, MambaSpec):
-        out += _linear(f"{m}.in_proj", (*p, "in_proj"), spec.proj_bias)
-        out.append(Entry(f"{m}.conv1d.weight", (*p, "conv_weight"), "conv"))
-        if spec.conv_bias:
-            out.append(Entry(f"{m}.conv1d.bias", (*p, "conv_bias"), "copy"))
-        out += [Entry(f"{m}.{n}", (*p, n), "copy") for n in ("dt_bias", "A_log", "D")]
-        out.append(Entry(f"{m}.norm.weight", (*p, "norm_weight"), "copy"))
-        out += _linear(f"{m}.out_proj", (*p, "out_proj"), spec.proj_bias)
-    elif isinstance(spec, AttentionSpec):
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out += _linear(f"{m}.{n}", (*p, n), False)
-    elif isinstance(spec, MLPSpec):
-        out += _linear(f"{m}.up_proj", (*p, "up_proj"), spec.bias)
-        out += _linear(f"{m}.down_proj", (*p, "down_proj"), spec.bias)
-    elif isinstance(spec, MoESpec):
-        out += [
-            Entry(f"{m}.gate.weight", (*p, "gate_weight"), "t"),
-            Entry(f"{m}.gate.e_score_correction_bias", (*p, "e_score_correction_bias"), "copy"),
-            Entry(f"{m}.experts.up_proj", (*p, "up_proj"), "experts"),
-            Entry(f"{m}.experts.down_proj", (*p, "down_proj"), "experts"),
-        ]
-        if spec.shared_intermediate_size:
-            for n in ("up_proj", "down_proj"):
-                out += _linear(f"{m}.shared_experts.{n}", (*p, "shared_experts", n), spec.bias)
-        if spec.latent_size:
-            for n in ("fc1_latent_proj", "fc2_latent_proj"):
-                out += _linear(f"{m}.{n}", (*p, n), spec.bias)
-    return out
+    kind = kind_of(spec)
+    norm = [Entry(f"{hf}.norm.weight", (*path, "norm", "weight"), "copy")] if kind.norm else []
+    return norm + kind.tensors(spec, f"{hf}.mixer", (*path, "mixer"))
 
 
 def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
@@ -147,16 +86,37 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> HybridLM:
     return nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(0), dtype=dtype))
 
 
+def load_config(path) -> ModelConfig:
+    """The config of a checkpoint directory: the native `nemojax_config.json` when present (lossless,
+    any model), else HF NemotronH's `config.json`."""
+    path = Path(path)
+    if (path / NATIVE_CONFIG_NAME).exists():
+        return ModelConfig.load(path / NATIVE_CONFIG_NAME)
+    if (path / CONFIG_NAME).exists():
+        try:
+            return ModelConfig.from_hf(read_hf_config(path / CONFIG_NAME))
+        except ValueError as e:
+            raise ValueError(f"{path / CONFIG_NAME}: {e}") from None
+    raise FileNotFoundError(f"{path} has neither {NATIVE_CONFIG_NAME} nor {CONFIG_NAME}: expected a nemojax or HF "
+                            "NemotronH checkpoint directory")
+
+
+def _read_tensor(f, raw: str, shard: Path):
+    try:
+        return f.get_tensor(raw)
+    except Exception as e:  # safetensors raises its own error types, without the file's name
+        raise ValueError(f"{shard}: cannot read tensor {raw!r} ({e}); the file may be truncated or damaged") from None
+
+
 def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, progress: bool = True) -> HybridLM:
-    """Load an HF NemotronH directory (config.json + safetensors, single or sharded) as a HybridLM.
+    """Load a checkpoint directory (see `load_config`; safetensors, single or sharded) as a HybridLM.
 
     Parameters are cast to `dtype`, except the router correction bias, which stays fp32.
-    Raises ValueError naming the tensor when one is missing, unexpected, or wrongly shaped.
+    Raises ValueError naming the tensor when one is missing, unexpected, wrongly shaped or not
+    floating point, and the file when one cannot be read; warns naming tensors that hold inf or nan.
     """
     path = Path(path)
-    if not (path / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: expected an HF NemotronH checkpoint directory")
-    cfg = config or ModelConfig.from_hf(path / CONFIG_NAME)
+    cfg = config or load_config(path)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype))
     flat_abstract = dict(nnx.to_flat_state(abstract_state))
     entries = {e.name: e for e in checkpoint_entries(cfg)}
@@ -168,21 +128,29 @@ def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, 
         want = entry.hf_shape(target.get_value().shape)
         if tuple(tensor.shape) != want:
             raise ValueError(f"tensor {source_name!r} has shape {tuple(tensor.shape)}; expected {want}")
+        if not jnp.issubdtype(tensor.dtype, jnp.floating):
+            raise ValueError(f"tensor {source_name!r} has dtype {tensor.dtype}; expected a floating-point tensor")
+        if not bool(jnp.all(jnp.isfinite(tensor))):
+            warnings.warn(f"tensor {source_name!r} holds non-finite values (inf or nan)", stacklevel=3)
         loaded[entry.path] = jnp.asarray(entry.to_nnx(tensor), dtype=target.get_value().dtype)
 
     shards = _shards(path)
     for shard in tqdm(shards, desc=f"loading {path.name}", disable=not progress or len(shards) < 2):
-        with safe_open(shard, framework="flax") as f:
+        try:
+            opened = safe_open(shard, framework="flax")
+        except Exception as e:  # safetensors' header errors do not name the file
+            raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
+        with opened as f:
             for raw in f.keys():
                 name = canonical_name(raw)
                 per_expert = _PER_EXPERT.match(name)
                 if per_expert:
                     stacked = f"{per_expert[1]}.{per_expert[3]}"
                     if stacked in entries:
-                        pending_experts.setdefault(stacked, {})[int(per_expert[2])] = f.get_tensor(raw)
+                        pending_experts.setdefault(stacked, {})[int(per_expert[2])] = _read_tensor(f, raw, shard)
                         continue
                 if name in entries:
-                    place(entries[name], f.get_tensor(raw), raw)
+                    place(entries[name], _read_tensor(f, raw, shard), raw)
                 elif name.startswith("mtp.") and cfg.mtp_depth == 0:
                     warnings.warn(f"ignoring {raw!r}: the config has num_nextn_predict_layers=0", stacklevel=2)
                 else:
@@ -206,13 +174,17 @@ def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, 
 
 
 def save_pretrained(model: HybridLM, path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write `model` as an HF NemotronH directory that transformers loads unchanged."""
+    """Write `model` as a checkpoint directory: safetensors in NemotronH's tensor names, the native
+    config (`nemojax_config.json`) and, when the model fits NemotronH's config, HF's `config.json`,
+    so that transformers loads it unchanged."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    hf_cfg = cfg.to_hf()
-    hf_cfg["torch_dtype"] = jnp.dtype(model.dtype).name
-    (path / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, default=str))
+    cfg.save(path / NATIVE_CONFIG_NAME)
+    if hf_incompatibility(cfg) is None:
+        hf_cfg = cfg.to_hf()
+        hf_cfg["torch_dtype"] = jnp.dtype(model.dtype).name
+        (path / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, default=str))
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     weight_map, shard, shard_bytes, shard_files = {}, {}, 0, []
 

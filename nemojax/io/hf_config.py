@@ -222,6 +222,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         mlp_hidden_act="relu2",
         mamba_hidden_act="silu",
     )
+    if cfg.name:
+        hf["_name_or_path"] = cfg.name
     if cfg.mtp_depth:
         hf["mtp_layers_block_type"] = [HF_NAMES[s.symbol] for s in cfg.mtp_layers]
     specs = cfg.layers + cfg.mtp_layers

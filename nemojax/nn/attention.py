@@ -12,16 +12,16 @@ from nemojax.ops.attention import attention
 
 
 class Attention(nnx.Module):
-    def __init__(self, spec: AttentionSpec, hidden: int, *, out_std: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: AttentionSpec, hidden: int, *, std: float, out_std: float, dtype, rngs: nnx.Rngs):
         self.spec = spec
         hq, hkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_proj = Linear(hidden, hq * d, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(hidden, hkv * d, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(hidden, hkv * d, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(hidden, hq * d, std=std, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(hidden, hkv * d, std=std, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(hidden, hkv * d, std=std, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(hq * d, hidden, std=out_std, dtype=dtype, rngs=rngs)
         self.implementation: str | None = None  # `ops.attention.attention`'s switch: None | "xla" | "jax_nn"
 
-    def init_cache(self, batch: int, max_len: int, dtype):
+    def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
         # [B, Hkv, S, Dh]: the layout the score and value contractions read, so a decode step
         # does not transpose the whole cache.
         shape = (batch, self.spec.num_kv_heads, max_len, self.spec.head_dim)

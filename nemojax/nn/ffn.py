@@ -7,17 +7,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import MLPSpec, MoESpec
-from nemojax.nn.layers import Linear, RouterBias
+from nemojax.nn.layers import KEEP, Linear, RouterBias, Stateless
 from nemojax.ops.ffn import ffn
 from nemojax.ops.moe import (IMPLEMENTATIONS, moe_ffn, route, router_z_loss, routing_stats, seq_aux_loss,
                              update_correction_bias)
 from nemojax.ops.moe.expert_parallel import moe_ffn_expert_parallel
 
 
-class MLP(nnx.Module):
-    def __init__(self, hidden: int, intermediate: int, *, bias: bool = False, out_std: float, dtype,
+class MLP(Stateless, nnx.Module):
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool = False, std: float, out_std: float, dtype,
                  rngs: nnx.Rngs):
-        self.up_proj = Linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden, intermediate, bias=bias, std=std, dtype=dtype, rngs=rngs)
         self.implementation: str | None = None  # `ops.ffn.ffn`'s switch: None | "xla" | "pallas"
         self.down_proj = Linear(intermediate, hidden, bias=bias, std=out_std, dtype=dtype, rngs=rngs)
 
@@ -25,14 +25,14 @@ class MLP(nnx.Module):
     def from_spec(cls, spec: MLPSpec, hidden: int, **kw) -> "MLP":
         return cls(hidden, spec.intermediate_size, bias=spec.bias, **kw)
 
-    def __call__(self, x, cache=None):
+    def __call__(self, x, cache=None, pos=0):
         up, down = self.up_proj, self.down_proj
         y = ffn(x, up.kernel[...], down.kernel[...], None if up.bias is None else up.bias[...],
                 None if down.bias is None else down.bias[...], implementation=self.implementation)
         return y, cache
 
 
-class MoE(nnx.Module):
+class MoE(Stateless, nnx.Module):
     """y = fc2_latent(sum_k w_k expert_k(fc1_latent(x))) + shared(x).
 
     The router and the shared expert read the full-width x; with `latent_size` set (LatentMoE)
@@ -47,7 +47,7 @@ class MoE(nnx.Module):
     `moe_stats` Intermediate that `pop_moe_stats` reads and removes.
     """
 
-    def __init__(self, spec: MoESpec, hidden: int, *, out_std: float, dtype, rngs: nnx.Rngs,
+    def __init__(self, spec: MoESpec, hidden: int, *, std: float, out_std: float, dtype, rngs: nnx.Rngs,
                  implementation: str | None = None):
         self.spec, self.implementation = spec, implementation
         self.capacity_factor: float | None = None  # None: dropless
@@ -55,21 +55,21 @@ class MoE(nnx.Module):
         self.collect_stats = False  # training: record per-layer routing stats (see `pop_moe_stats`)
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
-        self.gate_weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (hidden, e), dtype))
+        self.gate_weight = nnx.Param(std * jax.random.normal(rngs.params(), (hidden, e), dtype))
         self.e_score_correction_bias = RouterBias(jnp.zeros((e,), jnp.float32))
-        self.up_proj = nnx.Param(0.02 * jax.random.normal(rngs.params(), (e, d_in, f), dtype))
+        self.up_proj = nnx.Param(std * jax.random.normal(rngs.params(), (e, d_in, f), dtype))
         self.down_proj = nnx.Param(out_std * jax.random.normal(rngs.params(), (e, f, d_in), dtype))
         lat = spec.latent_size
-        self.fc1_latent_proj = Linear(hidden, lat, bias=spec.bias, dtype=dtype, rngs=rngs) if lat else None
+        self.fc1_latent_proj = Linear(hidden, lat, bias=spec.bias, std=std, dtype=dtype, rngs=rngs) if lat else None
         self.fc2_latent_proj = (Linear(lat, hidden, bias=spec.bias, std=out_std, dtype=dtype, rngs=rngs)
                                 if lat else None)
-        self.shared_experts = (MLP(hidden, spec.shared_intermediate_size, bias=spec.bias, out_std=out_std,
+        self.shared_experts = (MLP(hidden, spec.shared_intermediate_size, bias=spec.bias, std=std, out_std=out_std,
                                    dtype=dtype, rngs=rngs) if spec.shared_intermediate_size else None)
 
     def router_logits(self, x_TD):
         return jnp.dot(x_TD.astype(jnp.float32), self.gate_weight[...].astype(jnp.float32))
 
-    def __call__(self, x, cache=None):
+    def __call__(self, x, cache=None, pos=0):
         s = self.spec
         x_TD = x.reshape(-1, x.shape[-1])
         logits = self.router_logits(x_TD)
@@ -84,7 +84,7 @@ class MoE(nnx.Module):
         else:
             out = moe_ffn_expert_parallel(h, weights, indices, self.up_proj[...], self.down_proj[...],
                                           mesh=self.expert_mesh, capacity_factor=self.capacity_factor,
-                                          return_dropped=self.collect_stats)
+                                          implementation=self.implementation, return_dropped=self.collect_stats)
             if self.collect_stats:
                 out = (out[0], routing_stats(indices, s.num_experts, out[1]))
         if self.collect_stats:
@@ -111,28 +111,33 @@ def _moe_modules(model: nnx.Module):
             yield ".".join(map(str, path)), m
 
 
-def configure_moe(model: nnx.Module, *, implementation: str | None = None, capacity_factor: float | None = None,
-                  collect_stats: bool | None = None, expert_mesh=None) -> None:
-    """Sets the dispatch `implementation` (see `moe_ffn`), `capacity_factor` (None: dropless),
-    `expert_mesh` (None, or a mesh with an "expert" axis of size > 1: expert parallelism; the
-    experts and the B * L tokens of a call must divide evenly over it) and, unless `collect_stats`
-    is None, stats collection of every MoE layer (main layers and MTP).
+def configure_moe(model: nnx.Module, *, implementation=KEEP, capacity_factor=KEEP, collect_stats=KEEP,
+                  expert_mesh=KEEP) -> None:
+    """Sets, on every MoE layer (main layers and MTP), the dispatch `implementation` (see `moe_ffn`;
+    None: the backend's default), `capacity_factor` (None: dropless), `expert_mesh` (None, or a mesh
+    with an "expert" axis of size > 1: expert parallelism; the experts and the B * L tokens of a
+    call must divide evenly over it) and `collect_stats`. An argument not given leaves that setting
+    as it is.
 
     Collect stats for training only: sowing mutates the module, which generation's decode loop (a
     `lax.scan` over a model merged outside it) does not allow; `generate` runs on an
     `inference_copy`, which has collection off."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"configure_moe: implementation must be one of {IMPLEMENTATIONS} or None; "
+    if implementation not in (KEEP, None) and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"configure_moe: implementation must be None or one of {tuple(IMPLEMENTATIONS)}; "
                          f"got {implementation!r}")
-    if capacity_factor is not None and not capacity_factor > 0:
+    if capacity_factor not in (KEEP, None) and not capacity_factor > 0:
         raise ValueError(f"configure_moe: capacity_factor must be > 0 or None (dropless); got {capacity_factor}")
-    if expert_mesh is not None and expert_mesh.shape.get("expert", 1) <= 1:
+    if expert_mesh not in (KEEP, None) and expert_mesh.shape.get("expert", 1) <= 1:
         raise ValueError(f"configure_moe: expert_mesh must have an 'expert' axis of size > 1; got "
                          f"{dict(expert_mesh.shape)}")
+    if collect_stats not in (KEEP, True, False):
+        raise ValueError(f"configure_moe: collect_stats must be True or False; got {collect_stats!r}")
+    settings = {"implementation": implementation, "capacity_factor": capacity_factor, "expert_mesh": expert_mesh,
+                "collect_stats": collect_stats}
     for _, m in _moe_modules(model):
-        m.implementation, m.capacity_factor, m.expert_mesh = implementation, capacity_factor, expert_mesh
-        if collect_stats is not None:
-            m.collect_stats = collect_stats
+        for name, value in settings.items():
+            if value is not KEEP:
+                setattr(m, name, value)
 
 
 def inference_copy(model: nnx.Module) -> nnx.Module:

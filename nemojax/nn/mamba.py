@@ -18,11 +18,13 @@ from nemojax.ops.norms import gated_rms_norm
 class Mamba2Mixer(nnx.Module):
     """in_proj -> [z | xBC | dt]; xBC -> causal conv -> silu -> (x, B, C); SSD; gated RMSNorm(y, z); out_proj."""
 
-    def __init__(self, spec: MambaSpec, hidden: int, *, eps: float, out_std: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: MambaSpec, hidden: int, *, eps: float, std: float, out_std: float, dtype,
+                 rngs: nnx.Rngs):
         self.spec, self.eps = spec, eps
         self.implementation: str | None = None  # `ops.ssd.ssd`'s switch: None | "xla" | "pallas" | "sequential"
         h, k = spec.num_heads, spec.conv_kernel
-        self.in_proj = Linear(hidden, spec.d_inner + spec.conv_dim + h, bias=spec.proj_bias, dtype=dtype, rngs=rngs)
+        self.in_proj = Linear(hidden, spec.d_inner + spec.conv_dim + h, bias=spec.proj_bias, std=std, dtype=dtype,
+                              rngs=rngs)
         bound = 1.0 / math.sqrt(k)  # torch Conv1d's default fan-in bound for a depthwise kernel
         self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (k, spec.conv_dim), dtype, -bound, bound))
         self.conv_bias = nnx.Param(jnp.zeros((spec.conv_dim,), dtype)) if spec.conv_bias else None
@@ -34,14 +36,14 @@ class Mamba2Mixer(nnx.Module):
         self.norm_weight = nnx.Param(jnp.ones((spec.d_inner,), dtype))
         self.out_proj = Linear(spec.d_inner, hidden, bias=spec.proj_bias, std=out_std, dtype=dtype, rngs=rngs)
 
-    def init_cache(self, batch: int, dtype, ssm_dtype):
+    def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
         s = self.spec
         return {
             "conv": jnp.zeros((batch, s.conv_kernel - 1, s.conv_dim), dtype),
             "ssm": jnp.zeros((batch, s.num_heads, s.head_dim, s.state_size), ssm_dtype),
         }
 
-    def __call__(self, u, cache=None):
+    def __call__(self, u, cache=None, pos=0):
         s = self.spec
         b, l, _ = u.shape
         gn = s.n_groups * s.state_size

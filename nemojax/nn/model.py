@@ -8,58 +8,51 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.config import AttentionSpec, LayerSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec
+from nemojax.config import LayerSpec, ModelConfig
 from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
-from nemojax.nn.layers import Linear, RMSNorm, dense
+from nemojax.nn.layers import KEEP, Linear, RMSNorm, dense
 from nemojax.nn.mamba import Mamba2Mixer
-from nemojax.ops import ffn as ffn_ops, moe as moe_ops, ssd as ssd_ops
+from nemojax.nn.registry import build_mixer, kind_of, param_rule
+from nemojax.ops import attention as attention_ops, ffn as ffn_ops, moe as moe_ops, ssd as ssd_ops
 
 
-def make_mixer(spec: LayerSpec, cfg: ModelConfig, *, out_std: float, dtype, rngs: nnx.Rngs):
-    d = cfg.hidden_size
-    if isinstance(spec, MambaSpec):
-        return Mamba2Mixer(spec, d, eps=cfg.norm_eps, out_std=out_std, dtype=dtype, rngs=rngs)
-    if isinstance(spec, AttentionSpec):
-        return Attention(spec, d, out_std=out_std, dtype=dtype, rngs=rngs)
-    if isinstance(spec, MLPSpec):
-        return MLP.from_spec(spec, d, out_std=out_std, dtype=dtype, rngs=rngs)
-    if isinstance(spec, MoESpec):
-        return MoE(spec, d, out_std=out_std, dtype=dtype, rngs=rngs)
-    raise ValueError(f"unknown layer spec {spec!r}")
+def residual_std(cfg: ModelConfig) -> float:
+    """Init std of the projections that write into the residual stream (GPT-2 style depth scaling)."""
+    return cfg.init_std / math.sqrt(2 * len(cfg.layers))
 
 
 class Block(nnx.Module):
-    """x + mixer(RMSNorm(x))."""
+    """x + mixer(RMSNorm(x)); a layer kind without a mixer (no-op) is x -> x."""
 
     def __init__(self, spec: LayerSpec, cfg: ModelConfig, *, out_std: float, dtype, rngs: nnx.Rngs):
         self.spec = spec
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
-        self.mixer = make_mixer(spec, cfg, out_std=out_std, dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype) if kind_of(spec).norm else None
+        self.mixer = build_mixer(spec, cfg, out_std=out_std, dtype=dtype, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int, dtype, ssm_dtype):
-        if isinstance(self.mixer, Mamba2Mixer):
-            return self.mixer.init_cache(batch, dtype, ssm_dtype)
-        if isinstance(self.mixer, Attention):
-            return self.mixer.init_cache(batch, max_len, dtype)
-        return None
+    def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
+        return None if self.mixer is None else self.mixer.init_cache(batch, max_len, dtype=dtype, ssm_dtype=ssm_dtype)
 
-    def __call__(self, x, cache=None, pos=0):
+    def __call__(self, x, cache=None, pos=0, act_dtype=None):
+        """`act_dtype`: the dtype the mixer computes in, when the residual stream `x` is kept wider."""
+        if self.mixer is None:
+            return x, cache
         h = self.norm(x)
-        if isinstance(self.mixer, Attention):
-            y, cache = self.mixer(h, cache, pos)
-        else:
-            y, cache = self.mixer(h, cache)
+        y, cache = self.mixer(h if act_dtype is None else h.astype(act_dtype), cache, pos)
         return x + y, cache
 
 
-def run_blocks(blocks, x, caches=None, pos=0):
-    """Apply blocks in order, threading per-block caches (None entries for stateless mixers)."""
-    new = []
+def run_blocks(blocks, x, caches=None, pos=0, act_dtype=None, collect: bool = False):
+    """Apply blocks in order, threading per-block caches (None entries for stateless mixers).
+    Returns (x, caches) and, with `collect`, the residual stream after every block."""
+    new, outs = [], []
     for i, block in enumerate(blocks):
-        x, c = block(x, None if caches is None else caches[i], pos)
+        x, c = block(x, None if caches is None else caches[i], pos, act_dtype)
         new.append(c)
-    return x, (None if caches is None else tuple(new))
+        if collect:
+            outs.append(x)
+    caches = None if caches is None else tuple(new)
+    return (x, caches, tuple(outs)) if collect else (x, caches)
 
 
 class MTPDepth(nnx.Module):
@@ -69,7 +62,7 @@ class MTPDepth(nnx.Module):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.hnorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
-        self.eh_proj = Linear(2 * d, d, dtype=dtype, rngs=rngs)
+        self.eh_proj = Linear(2 * d, d, std=cfg.init_std, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(s, cfg, out_std=out_std, dtype=dtype, rngs=rngs) for s in cfg.mtp_layers])
         self.final_layernorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
 
@@ -84,18 +77,24 @@ class HybridLM(nnx.Module):
 
     `model(tokens)` gives logits. `model.forward(tokens, cache)` runs on top of a cache from
     `init_cache` (prefill, multi-token or single-token decode) and returns the updated cache.
+    `model.cfg` is read-only: `replace_layers` is the one way to change layers, and keeps the
+    config and the layers in agreement.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.cfg, self.dtype = cfg, jnp.dtype(dtype)
+        self._cfg, self.dtype = cfg, jnp.dtype(dtype)
         d, v = cfg.hidden_size, cfg.vocab_size
-        out_std = 0.02 / math.sqrt(2 * len(cfg.layers))  # GPT-2 style residual-branch scaling
-        self.embeddings = nnx.Param(0.02 * jax.random.normal(rngs.params(), (v, d), dtype))
+        out_std = residual_std(cfg)
+        self.embeddings = nnx.Param(cfg.init_std * jax.random.normal(rngs.params(), (v, d), dtype))
         self.layers = nnx.List([Block(s, cfg, out_std=out_std, dtype=dtype, rngs=rngs) for s in cfg.layers])
         self.norm_f = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
-            0.02 * jax.random.normal(rngs.params(), (d, v), dtype))
+            cfg.init_std * jax.random.normal(rngs.params(), (d, v), dtype))
         self.mtp = nnx.List([MTPDepth(cfg, out_std=out_std, dtype=dtype, rngs=rngs) for _ in range(cfg.mtp_depth)])
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self._cfg
 
     # -------------------------------------------------------------------------------- pieces
     def embed(self, tokens):
@@ -107,12 +106,24 @@ class HybridLM(nnx.Module):
         w = self.embeddings[...].T if self.lm_head is None else self.lm_head[...]
         return dense(h_normed, w).astype(jnp.float32)
 
+    def _run(self, tokens, cache, collect: bool):
+        emb = self.embed(tokens)
+        x = emb.astype(jnp.float32) if self.cfg.residual_in_fp32 else emb
+        pos = 0 if cache is None else cache["pos"]
+        out = run_blocks(self.layers, x, None if cache is None else cache["layers"], pos, emb.dtype, collect)
+        new_cache = None if cache is None else {"pos": pos + tokens.shape[1], "layers": out[1]}
+        return out[0], new_cache, ((x,) + out[2] if collect else None)
+
     def hidden_states(self, tokens, cache=None):
         """Final hidden states before `norm_f` [B, L, D], and the updated cache."""
-        pos = 0 if cache is None else cache["pos"]
-        x, layer_caches = run_blocks(self.layers, self.embed(tokens), None if cache is None else cache["layers"], pos)
-        new_cache = None if cache is None else {"pos": pos + tokens.shape[1], "layers": layer_caches}
-        return x, new_cache
+        x, cache, _ = self._run(tokens, cache, False)
+        return x, cache
+
+    def layer_states(self, tokens):
+        """The residual stream entering the first layer and after every layer: a tuple of len(layers) + 1
+        arrays [B, L, D] (the last is `hidden_states(tokens)[0]`). Layer i maps states[i] to states[i + 1]:
+        the inputs and targets of blockwise distillation."""
+        return self._run(tokens, None, True)[2]
 
     # ------------------------------------------------------------------------------ entry points
     def __call__(self, tokens):
@@ -127,7 +138,7 @@ class HybridLM(nnx.Module):
         ssm_dtype = jnp.dtype(self.cfg.ssm_cache_dtype)
         return {
             "pos": jnp.zeros((), jnp.int32),
-            "layers": tuple(b.init_cache(batch, max_len, self.dtype, ssm_dtype) for b in self.layers),
+            "layers": tuple(b.init_cache(batch, max_len, dtype=self.dtype, ssm_dtype=ssm_dtype) for b in self.layers),
         }
 
     def mtp_logits(self, tokens, h=None):
@@ -147,6 +158,64 @@ class HybridLM(nnx.Module):
             out.append(self.logits(h_normed))
         return out
 
+    # ------------------------------------------------------------------------------ surgery
+    def replace_layers(self, changes: dict, *, rngs: nnx.Rngs | None = None) -> "HybridLM":
+        """A new model with layer i replaced per `changes = {i: (spec, module_or_None)}`, and a config
+        that says so; the other layers share this model's arrays (not its Variables: updating one model
+        in place leaves the other as it is).
+
+        module_or_None: None builds a freshly initialised layer from `rngs` (default `nnx.Rngs(0)`); a
+        `Block` is used as it is; a mixer module gets a pre-norm copied from the layer it replaces (or a
+        fresh one). Either must have exactly the parameter shapes `spec` implies, else ValueError.
+        """
+        if not isinstance(changes, dict):
+            raise ValueError(f"replace_layers: expected {{index: (spec, module_or_None)}}; got {type(changes).__name__}")
+        new_cfg = self.cfg.replace_layers({i: _unpack_change(i, c)[0] for i, c in changes.items()})
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        out = nnx.clone(self)
+        out._cfg = new_cfg
+        out_std = residual_std(new_cfg)
+        for i, change in changes.items():
+            spec, module = _unpack_change(i, change)
+            fresh = lambda r: Block(spec, new_cfg, out_std=out_std, dtype=self.dtype, rngs=r)  # noqa: E731
+            expected = nnx.eval_shape(lambda: fresh(nnx.Rngs(0)))
+            if module is None:
+                block = fresh(rngs)
+            elif isinstance(module, Block):
+                block = nnx.clone(module)
+            else:  # a mixer: its block's pre-norm is the replaced layer's, or a fresh one
+                block = expected
+                old = self.layers[i].norm
+                if block.norm is not None:
+                    block.norm = nnx.clone(old) if old is not None else RMSNorm(
+                        new_cfg.hidden_size, eps=new_cfg.norm_eps, dtype=self.dtype)
+                block.mixer = nnx.clone(module)
+            _check_block(i, block, spec, nnx.eval_shape(lambda: fresh(nnx.Rngs(0))))
+            out.layers[i] = block
+        return out
+
+
+def _unpack_change(i, change):
+    if not (isinstance(change, tuple) and len(change) == 2):
+        raise ValueError(f"replace_layers: entry {i} must be (spec, module_or_None); got {change!r}")
+    return change
+
+
+def _shapes(module) -> dict:
+    return {path: (v.get_value().shape, jnp.dtype(v.get_value().dtype))
+            for path, v in nnx.to_flat_state(nnx.state(module, nnx.Variable))}
+
+
+def _check_block(i: int, block: Block, spec, expected: Block) -> None:
+    for what, have in (("block", block.spec), ("mixer", getattr(block.mixer, "spec", spec))):
+        if have != spec:
+            raise ValueError(f"replace_layers: layer {i}'s {what} is built for {have!r}, not {spec!r}")
+    got, want = _shapes(block), _shapes(expected)
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()), key=str)[:4]
+        raise ValueError(f"replace_layers: layer {i}'s module does not have the parameters {spec!r} implies "
+                         f"(first differences, as (path, (shape, dtype)): {diff})")
+
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from shapes alone (`nnx.eval_shape`, nothing materialised).
@@ -164,30 +233,29 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             counts["mtp"] += n
             continue
         counts["total"] += n
-        if path[0] == "embeddings":
-            counts["embedding"] += n
-        elif path[0] == "lm_head":
-            counts["lm_head"] += n
-        spec = cfg.layers[path[1]] if path[0] == "layers" else None
-        routed = isinstance(spec, MoESpec) and path[2:] in (("mixer", "up_proj"), ("mixer", "down_proj"))
-        counts["active"] += n * spec.top_k // spec.num_experts if routed else n
+        if path[0] in ("embeddings", "lm_head"):
+            counts["embedding" if path[0] == "embeddings" else "lm_head"] += n
+        if param_rule(path).routed:
+            spec = cfg.layers[path[1]]
+            counts["active"] += n * spec.top_k // spec.num_experts
+        else:
+            counts["active"] += n
     return counts
 
 
-def configure_kernels(model: nnx.Module, *, ssd: str | None = None, ffn: str | None = None,
-                      moe: str | None = None) -> None:
+def configure_kernels(model: nnx.Module, *, ssd=KEEP, ffn=KEEP, moe=KEEP, attention=KEEP) -> None:
     """Sets the `implementation=` every layer of `model` passes to its op: `ssd` for the Mamba
     mixers (`ops.ssd.ssd`), `ffn` for the dense MLPs and shared experts (`ops.ffn.ffn`), `moe` for
-    the routed experts (`ops.moe.moe_ffn`; `nn.ffn.configure_moe` sets it too, with the training
-    options). None: each op's measured default for the backend."""
-    for field, value, allowed in (("ssd", ssd, ssd_ops.IMPLEMENTATIONS), ("ffn", ffn, ffn_ops.IMPLEMENTATIONS),
-                                  ("moe", moe, moe_ops.IMPLEMENTATIONS)):
-        if value is not None and value not in allowed:
-            raise ValueError(f"configure_kernels: {field} must be None or one of {allowed}; got {value!r}")
+    the routed experts (`ops.moe.moe_ffn`), `attention` for attention (`ops.attention.attention`).
+    None: the op's measured default for the backend. An argument not given leaves that setting as
+    it is, so calls compose."""
+    ops = {Mamba2Mixer: ("ssd", ssd, ssd_ops.IMPLEMENTATIONS), MLP: ("ffn", ffn, ffn_ops.IMPLEMENTATIONS),
+           MoE: ("moe", moe, moe_ops.IMPLEMENTATIONS), Attention: ("attention", attention,
+                                                                   attention_ops.IMPLEMENTATIONS)}
+    for name, value, allowed in ops.values():
+        if value is not KEEP and value is not None and value not in allowed:
+            raise ValueError(f"configure_kernels: {name} must be None or one of {tuple(allowed)}; got {value!r}")
     for _, m in nnx.iter_modules(model):
-        if isinstance(m, Mamba2Mixer):
-            m.implementation = ssd
-        elif isinstance(m, MLP):
-            m.implementation = ffn
-        elif isinstance(m, MoE):
-            m.implementation = moe
+        name, value, _ = ops.get(type(m), (None, KEEP, None))
+        if value is not KEEP:
+            m.implementation = value

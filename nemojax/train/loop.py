@@ -124,7 +124,7 @@ def _resume_checks(tc: TrainConfig, out: Path, model_config: ModelConfig, latest
                          "resume (--resume) or choose another --out-dir")
     saved = TrainConfig.load(out / "train_config.json")
     fixed, changes = tc.changes_from(saved)
-    if json.loads((out / "model_config.json").read_text()) != json.loads(json.dumps(model_config.to_hf())):
+    if ModelConfig.load(out / "model_config.json") != model_config:
         fixed.append("model_config")
     if fixed:
         raise ValueError(f"cannot resume {out}: {fixed} differ from the saved run; use another --out-dir")
@@ -143,7 +143,8 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     """Train (or continue training) per `tc`; returns a summary dict (also written to summary.json).
 
     `model_config` replaces the preset (ablations with custom architectures); the run directory keeps
-    it as model_config.json (HF format), so `load_run`, `nemojax eval` and `generate` rebuild it.
+    it as model_config.json (native format, any heterogeneous model), so `load_run`, `nemojax eval` and
+    `generate` rebuild it.
     Everything is validated before anything is written to `tc.out_dir`. Raises `TrainingDiverged` when
     the loss or the gradients stop being finite."""
     out = Path(tc.out_dir)
@@ -194,7 +195,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
             _say(f"resuming at step {restored} with changed settings: {changes}")
     out.mkdir(parents=True, exist_ok=True)
     tc.save(out / "train_config.json")
-    (out / "model_config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
+    model_config.save(out / "model_config.json")
 
     if latest is None:
         summary["initial_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
@@ -286,7 +287,7 @@ def load_run(run_dir, step: int | None = None):
     if not (run_dir / "train_config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a nemojax run directory (no train_config.json)")
     tc = TrainConfig.load(run_dir / "train_config.json")
-    mc = ModelConfig.from_hf(run_dir / "model_config.json")
+    mc = ModelConfig.load(run_dir / "model_config.json")
     vocab = make_dataset(tc).vocab_size
     graphdef = nnx.split(nnx.eval_shape(lambda: build_model(tc, vocab, mc)), nnx.Param, ...)[0]
     like = jax.eval_shape(lambda: init_state(tc, build_model(tc, vocab, mc))[2])

@@ -5,11 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from nemojax.nn.registry import param_rule
 from nemojax.train.config import TrainConfig
-
-# Mamba's SSM parameters are not scale weights: decaying A_log, D or dt_bias towards 0 changes the
-# dynamics (A -> -1, no skip, dt -> softplus(0)) rather than regularising.
-NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
 
 
 def path_names(path) -> list[str]:
@@ -19,10 +16,9 @@ def path_names(path) -> list[str]:
 
 
 def decays(path) -> bool:
-    """Whether the parameter at this key path gets weight decay: not norms, biases or SSM parameters."""
-    names = path_names(path)
-    leaf = names[-1]
-    return not (leaf in NO_DECAY_NAMES or leaf.endswith("bias") or any("norm" in n for n in names[-2:]))
+    """Whether the parameter at this key path gets weight decay (its layer kind's rule: not norms,
+    biases or SSM parameters)."""
+    return param_rule(path_names(path)).decay
 
 
 def decay_mask(params):

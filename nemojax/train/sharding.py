@@ -5,24 +5,24 @@ weights, ZeRO-3 style: the compiler all-gathers a weight before use and reduce-s
 gradient) and "expert" (expert parallelism: routed experts are split over it; outside the MoE
 layers it is one more data axis, so the batch is split over all three).
 
-Partition rules, per parameter (first match on its "/"-joined path wins, see `RULES`):
+Partition rules, per parameter: each layer kind declares its parameters' `ParamRule`s in
+`nemojax.nn.registry` (`param_rule(path)`), whose `shard` is one of
 
-- routed experts `mixer/up_proj` [E, Din, F], `mixer/down_proj` [E, F, Din]: E over "expert"
-  (num_experts must divide), the larger of the two other dims that "fsdp" divides over "fsdp";
-- matrices (`embeddings`, `lm_head`, every `Linear` kernel, the router `gate_weight`): the largest
-  dim that "fsdp" divides over "fsdp"; replicated when "fsdp" divides none (`sharding_plan` says
-  which);
-- replicated: vectors (norms, Mamba A_log / D / dt_bias / norm_weight, biases, the router's
+- "expert": routed experts `mixer/up_proj` [E, Din, F], `mixer/down_proj` [E, F, Din]: E over
+  "expert" (num_experts must divide), the larger of the two other dims that "fsdp" divides over "fsdp";
+- "fsdp": matrices (`embeddings`, `lm_head`, every `Linear` kernel, the router `gate_weight`): the
+  largest dim that "fsdp" divides over "fsdp"; replicated when "fsdp" divides none
+  (`fsdp_replicated` lists those);
+- "replicated": vectors (norms, Mamba A_log / D / dt_bias / norm_weight, biases, the router's
   correction bias) and the depthwise conv filter [K, C] (K = 4 taps: as small as a bias). Every
   device reads them whole at every step; splitting would only add collectives.
 
-A path that no rule matches raises, so a new parameter cannot be replicated silently.
+A parameter that no layer kind declares raises, so a new parameter cannot be replicated silently.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING
 
 import jax
@@ -31,6 +31,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nemojax.nn.registry import param_rule
+
 if TYPE_CHECKING:
     from nemojax.train.config import TrainConfig
 
@@ -38,14 +40,6 @@ MESH_AXES = ("data", "fsdp", "expert")
 # The batch is split over every axis: outside the MoE layers the expert axis is data parallel too.
 BATCH_AXES = ("data", "fsdp", "expert")
 
-# (pattern searched in the "/"-joined path, kind). Kinds: "expert" [E, a, b], "fsdp" [a, b], "replicated".
-RULES: tuple[tuple[str, str], ...] = (
-    (r"(^|/)e_score_correction_bias$", "replicated"),
-    (r"(^|/)mixer/(up_proj|down_proj)$", "expert"),
-    (r"(^|/)(embeddings|lm_head|kernel|gate_weight)$", "fsdp"),
-    (r"(^|/)(bias|conv_bias|conv_weight|A_log|D|dt_bias|norm_weight)$", "replicated"),
-    (r"norm[^/]*/weight$", "replicated"),
-)
 _NDIM = {"expert": 3, "fsdp": 2}
 
 
@@ -123,11 +117,7 @@ def _plan_one(path: str, shape, kind: str, mesh_shape) -> tuple[P, str]:
 def _rule_kind(path: str, var) -> str:
     if isinstance(var, nnx.Intermediate):  # sown step statistics (router loads, aux losses): small
         return "replicated"
-    for pattern, kind in RULES:
-        if re.search(pattern, path):
-            return kind
-    raise ValueError(f"partition rules: no rule matches parameter {path!r} ({type(var).__name__}, shape "
-                     f"{np.shape(var.get_value())}); add one to nemojax.train.sharding.RULES")
+    return param_rule(path.split("/")).shard
 
 
 def _plan_var(path: str, var, mesh) -> tuple[P, str]:

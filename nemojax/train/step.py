@@ -13,45 +13,30 @@ import optax
 from flax import nnx
 
 from nemojax.nn.ffn import pop_moe_stats, update_router_biases
+from nemojax.nn.registry import param_rule
 from nemojax.train import losses
 from nemojax.train.config import TrainConfig
 from nemojax.train.optimizer import path_names, schedule
 
-# Kept in fp32 under bf16 compute: the SSM's continuous-time parameters, the router and the norms
-# (the ops upcast these anyway; rounding the weights first would still lose their precision).
-FP32_NAMES = ("A_log", "D", "dt_bias", "gate_weight")
-
-
-def _keeps_fp32(path) -> bool:
-    names = path_names(path)
-    return names[-1] in FP32_NAMES or any("norm" in n for n in names[-2:])
-
-
 def cast_for_compute(params, dtype):
-    """The compute copy of fp32 master weights: floating params in `dtype`, except `FP32_NAMES` and norms."""
+    """The compute copy of fp32 master weights: floating params in `dtype`, except those whose layer kind
+    keeps them in fp32 (norms, the router, the SSM's continuous-time parameters: the ops upcast these
+    anyway, and rounding the weights first would still lose their precision)."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return params
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p if _keeps_fp32(path) or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype),
-        params)
+        lambda path, p: (p if param_rule(path_names(path)).fp32 or not jnp.issubdtype(p.dtype, jnp.floating)
+                         else p.astype(dtype)), params)
 
 
+# ------------------------------------------------------------------------------------------ losses
+def lm_loss(model, batch, *, mtp_lambda: float):
+    """The language-modelling loss: next-token CE (+ the MTP loss, weighted by `mtp_lambda`).
 
-# ------------------------------------------------------------------------------------------- steps
-def _moe_metrics(stats) -> dict:
-    if not stats:
-        return {}
-    loads = jnp.stack([s["load"] for s in stats.values()])  # [layers, E] (layers of equal E only)
-    return {"moe_max_load": jnp.max(jnp.max(loads, axis=-1) * loads.shape[-1]),
-            "moe_dropped_fraction": jnp.mean(jnp.stack([s["dropped_fraction"] for s in stats.values()])),
-            "moe_aux_loss": sum(s["aux_loss"] for s in stats.values()),
-            "moe_z_loss": sum(s["z_loss"] for s in stats.values())}
-
-
-def loss_and_metrics(graphdef, tc: TrainConfig, params, rest, batch):
-    """Training objective: CE (+ MTP) + MoE auxiliary terms. Returns (loss, (metrics, moe stats))."""
-    model = nnx.merge(graphdef, cast_for_compute(params, tc.compute_dtype), rest)
+    A loss function takes (model, batch) and returns (loss, metrics); `make_train_step` adds the MoE
+    auxiliary terms. Distillation losses have the same shape, with the teacher's outputs (logits,
+    layer states) carried in `batch` under keys of their own."""
     h, _ = model.hidden_states(batch["inputs"])
     logits = model.logits(model.norm_f(h))
     ce, n_tokens = losses.cross_entropy(logits, batch["targets"])
@@ -60,9 +45,36 @@ def loss_and_metrics(graphdef, tc: TrainConfig, params, rest, batch):
     metrics = {"ce": ce, "accuracy": correct / jnp.maximum(n_tokens, 1)}
     loss = ce
     if model.mtp:
-        mtp = losses.mtp_loss(model.mtp_logits(batch["inputs"], h), batch["targets"], tc.mtp_lambda)
+        mtp = losses.mtp_loss(model.mtp_logits(batch["inputs"], h), batch["targets"], mtp_lambda)
         metrics["mtp_loss"] = mtp
         loss = loss + mtp
+    return loss, metrics
+
+
+def default_loss_fn(tc: TrainConfig):
+    return partial(lm_loss, mtp_lambda=tc.mtp_lambda)
+
+
+def _moe_metrics(stats) -> dict:
+    """Totals over MoE layers (which may differ in expert count) and each layer's expert load."""
+    if not stats:
+        return {}
+    out = {"moe_max_load": jnp.max(jnp.stack([jnp.max(s["load"]) * s["load"].shape[-1] for s in stats.values()])),
+           "moe_dropped_fraction": jnp.mean(jnp.stack([s["dropped_fraction"] for s in stats.values()])),
+           "moe_aux_loss": sum(s["aux_loss"] for s in stats.values()),
+           "moe_z_loss": sum(s["z_loss"] for s in stats.values())}
+    for layer, s in stats.items():  # load: fraction of the layer's routed assignments per expert
+        out[f"moe_load/{layer}"] = s["load"]
+        out[f"moe_dropped_fraction/{layer}"] = s["dropped_fraction"]
+    return out
+
+
+def objective(graphdef, tc: TrainConfig, loss_fn, params, rest, batch):
+    """loss_fn's loss on the compute copy of `params`, plus the MoE auxiliary terms.
+    Returns (loss, (metrics, moe stats))."""
+    model = nnx.merge(graphdef, cast_for_compute(params, tc.compute_dtype), rest)
+    loss, metrics = loss_fn(model, batch)
+    metrics = dict(metrics)
     stats = pop_moe_stats(model)
     metrics.update(_moe_metrics(stats))
     if stats:
@@ -71,14 +83,17 @@ def loss_and_metrics(graphdef, tc: TrainConfig, params, rest, batch):
     return loss, (metrics, stats)
 
 
-def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None):
-    """The jitted step. `grad_shardings` (the params' shardings on a mesh) pins the gradients to them, so
-    FSDP-sharded weights get a reduce-scatter rather than a full all-reduce."""
+# ------------------------------------------------------------------------------------------- steps
+def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None, loss_fn=None):
+    """The jitted step. `loss_fn(model, batch) -> (loss, metrics)` (default: `lm_loss`); `grad_shardings`
+    (the params' shardings on a mesh) pins the gradients to them, so FSDP-sharded weights get a
+    reduce-scatter rather than a full all-reduce."""
     lr_at = schedule(tc)
+    loss_fn = default_loss_fn(tc) if loss_fn is None else loss_fn
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
-        grad_fn = jax.value_and_grad(partial(loss_and_metrics, graphdef, tc), has_aux=True)
+        grad_fn = jax.value_and_grad(partial(objective, graphdef, tc, loss_fn), has_aux=True)
         (_, (metrics, stats)), grads = grad_fn(state["params"], state["rest"], batch)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
@@ -94,10 +109,12 @@ def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None):
     return train_step
 
 
-def make_eval_step(graphdef, tc: TrainConfig):
+def make_eval_step(graphdef, tc: TrainConfig, loss_fn=None):
+    loss_fn = default_loss_fn(tc) if loss_fn is None else loss_fn
+
     @jax.jit
     def eval_step(state, batch):
-        return loss_and_metrics(graphdef, tc, state["params"], state["rest"], batch)[1][0]
+        return objective(graphdef, tc, loss_fn, state["params"], state["rest"], batch)[1][0]
 
     return eval_step
 

@@ -66,13 +66,13 @@ def test_stats_through_jit_and_value_and_grad():
     # inference model exactly (same static graph, so the same compiled forward)
     assert all(isinstance(v, RouterBias) for _, v in nnx.to_flat_state(rest))
     assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
-    configure_moe(model, collect_stats=False)
+    configure_moe(model, implementation=None, capacity_factor=None, collect_stats=False)
     assert nnx.graphdef(model) == inference_graph
 
 
 def small_moe(**kw):
     spec = MoESpec(num_experts=8, top_k=2, intermediate_size=16, **kw)
-    return MoE(spec, 12, out_std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(3))
+    return MoE(spec, 12, std=0.02, out_std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(3))
 
 
 def test_layer_stats_match_the_formulas_and_capacity_keeps_the_shared_expert():
@@ -155,11 +155,13 @@ def test_configure_moe_reaches_every_layer_including_mtp_and_names_bad_values():
     moes = [m for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
     assert len(moes) == 3 and all(m.implementation == "dense" and m.capacity_factor == 2.0 for m in moes)
     assert not any(m.collect_stats for m in moes)  # collect_stats=None leaves it alone
-    configure_moe(model, collect_stats=True)
+    configure_moe(model, collect_stats=True)  # the settings not given stay as they are
+    assert all(m.implementation == "dense" and m.capacity_factor == 2.0 and m.collect_stats for m in moes)
+    configure_moe(model, implementation=None, capacity_factor=None)  # None: the backend default, dropless
     assert all(m.implementation is None and m.capacity_factor is None and m.collect_stats for m in moes)
     assert [p for p, m in nnx.iter_modules(model) if isinstance(m, MoE)] == [
         tuple(int(q) if q.isdigit() else q for q in p.split(".")) for p in MOE_LAYERS["tiny-latent-mtp"]]
-    with pytest.raises(ValueError, match="implementation must be one of"):
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
         configure_moe(model, implementation="megablox")
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         configure_moe(model, capacity_factor=-1.0)

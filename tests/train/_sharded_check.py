@@ -144,7 +144,8 @@ def trainer_check(tmp: str) -> dict:
     dp, ep = runs.values()
     load_keys = [k for k in dp[-1] if "load" in k]
     return {"steps": len(ep), "ep_traces": len(calls), "losses": [r["loss"] for r in ep], "loss_err": max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(dp, ep)),
-            "load_keys": len(load_keys), "load_err": max(abs(dp[-1][k] - ep[-1][k]) for k in load_keys)}
+            "load_keys": len(load_keys),
+            "load_err": max(float(np.max(np.abs(np.subtract(dp[-1][k], ep[-1][k])))) for k in load_keys)}
 
 
 # ---------------------------------------------------------------------------- expert parallel

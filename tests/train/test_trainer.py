@@ -14,7 +14,7 @@ from flax import nnx
 import nemojax as nj
 from nemojax.cli import main
 from nemojax.train import TrainConfig, loop
-from nemojax.train.step import loss_and_metrics
+from nemojax.train.step import default_loss_fn, objective
 from nemojax.train.optimizer import decays, path_names
 
 
@@ -103,8 +103,8 @@ def test_bf16_compute_tracks_fp32():
     batch = jax.tree.map(jnp.asarray, loop.make_dataset(tc).batch(0))
 
     def grads(dtype):
-        fn = jax.value_and_grad(lambda p: loss_and_metrics(
-            graphdef, tc.replace(compute_dtype=dtype), p, state["rest"], batch), has_aux=True)
+        fn = jax.value_and_grad(lambda p: objective(
+            graphdef, tc.replace(compute_dtype=dtype), default_loss_fn(tc), p, state["rest"], batch), has_aux=True)
         (loss, _), g = fn(state["params"])
         return float(loss), np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
 

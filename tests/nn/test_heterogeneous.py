@@ -1,0 +1,256 @@
+"""A model whose every layer differs (widths, KV heads, windows, expert counts, top-k, no-op and linear
+layers) is an ordinary model: its config round-trips through the native JSON, and it counts its
+parameters, runs cached decode, saves and loads, shards, trains, checkpoints and resumes bit for bit.
+Also: the layer registry, `replace_layers` surgery, `layer_states` and the pluggable training loss."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+import nemojax as nj
+from nemojax.config import (AttentionSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec,
+                            SPEC_TYPES)
+from nemojax.io.hf import NATIVE_CONFIG_NAME
+from nemojax.nn.registry import KINDS, param_rule
+from nemojax.train import TrainConfig, loop
+from nemojax.train.sharding import param_specs
+from nemojax.train.step import make_eval_step, make_train_step
+from nemojax.train import losses
+from testutils import interrupt_at
+
+D = 32
+LAYERS = (
+    MambaSpec(num_heads=4, head_dim=8, n_groups=2, state_size=8, chunk_size=8),
+    MLPSpec(intermediate_size=48, bias=True),
+    AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8),
+    MoESpec(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=24),
+    NoOpSpec(),
+    MambaSpec(num_heads=2, head_dim=16, n_groups=1, state_size=4, conv_kernel=3, chunk_size=4, proj_bias=True),
+    AttentionSpec(num_heads=2, num_kv_heads=1, head_dim=8, sliding_window=5),
+    LinearSpec(bias=True),
+    MoESpec(num_experts=4, top_k=1, intermediate_size=8, latent_size=16, routed_scaling_factor=2.0),
+    MLPSpec(intermediate_size=12),
+    LinearSpec(),
+)
+CFG = ModelConfig(vocab_size=256, hidden_size=D, layers=LAYERS, mtp_layers=(NoOpSpec(), MLPSpec(20)), mtp_depth=1,
+                  name="every-layer-differs")
+
+
+def scaled(model, seed=1):
+    """Weights bumped so that every layer visibly changes the logits (tiny init hides mistakes)."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if x.ndim >= 2
+                                                   else x for x, k in zip(leaves, keys)]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return scaled(nj.HybridLM(CFG, rngs=nnx.Rngs(0)))
+
+
+logits_of = nnx.jit(lambda m, t: m(t))
+
+
+def tokens(b=2, length=19, seed=3):
+    return jax.random.randint(jax.random.key(seed), (b, length), 0, CFG.vocab_size, jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_every_layer_kind_is_registered_and_in_the_test_model():
+    assert set(KINDS) == set(SPEC_TYPES)
+    assert {type(s) for s in LAYERS} == set(SPEC_TYPES)
+    assert len(set(LAYERS)) == len(LAYERS) and CFG.pattern == "M-*E.M*LE-L"  # every layer differs
+
+
+def test_native_json_round_trip_is_lossless_and_hf_refuses_with_the_reason(tmp_path):
+    text = CFG.to_json()
+    json.loads(text)  # strict JSON: infinities are strings
+    assert "Infinity" not in text
+    back = ModelConfig.from_json(text)
+    assert back == CFG and back.layers[0].dt_limit == (0.0, math.inf)
+    CFG.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == CFG
+    with pytest.raises(ValueError, match="no linear / noop layers"):
+        CFG.to_hf()
+    uniform = nj.presets.get("tiny-latent-mtp")
+    assert ModelConfig.from_json(uniform.to_json()) == uniform == ModelConfig.from_hf(uniform.to_hf())
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["layers"][1].update(kind="conv"), "layers[1]: unknown layer kind 'conv'"),
+    (lambda d: d["layers"][2].update(num_heads="4"), "layers[2].num_heads: expected int"),
+    (lambda d: d["layers"][0].update(heads=4), "layers[0] (mamba): unknown field(s) ['heads']"),
+    (lambda d: d["layers"][2].update(num_kv_heads=3), "layers[2]: attention num_heads=4 must be divisible"),
+    (lambda d: d["layers"][1].pop("intermediate_size"), "layers[1] (mlp)"),
+    (lambda d: d.pop("hidden_size"), "missing required field(s) ['hidden_size']"),
+    (lambda d: d.update(version=7), "version 7"),
+    (lambda d: d.update(format="hf"), "not a native nemojax model config"),
+])
+def test_bad_native_config_names_the_field(mutate, needle):
+    d = CFG.to_dict()
+    mutate(d)
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_dict(d)
+    assert needle in str(err.value)
+
+
+def _closed_form(cfg):
+    """Parameter counts from the layer formulas, written out independently of the registry."""
+    d = cfg.hidden_size
+    total = active = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    for s in cfg.layers:
+        n, routed = 0, 0
+        if isinstance(s, MambaSpec):
+            i, c, h = s.num_heads * s.head_dim, s.conv_dim, s.num_heads
+            n = d * (i + c + h) + c * s.conv_kernel + c * s.conv_bias + 3 * h + i + i * d
+            n += (i + c + h + d) * s.proj_bias
+        elif isinstance(s, AttentionSpec):
+            n = 2 * d * s.num_heads * s.head_dim + 2 * d * s.num_kv_heads * s.head_dim
+        elif isinstance(s, MLPSpec):
+            n = 2 * d * s.intermediate_size + (s.intermediate_size + d) * s.bias
+        elif isinstance(s, MoESpec):
+            din = s.latent_size or d
+            routed = 2 * s.num_experts * din * s.intermediate_size
+            n = d * s.num_experts + 2 * d * s.shared_intermediate_size + (2 * d * din + din + d if s.latent_size else 0)
+            n -= (din + d) * (not s.bias) if s.latent_size else 0
+        elif isinstance(s, LinearSpec):
+            n = d * d + d * s.bias
+        norm = 0 if isinstance(s, NoOpSpec) else d
+        total += n + routed + norm
+        active += n + norm + routed * s.top_k // s.num_experts if routed else n + norm
+    return total, active
+
+
+def test_param_counts_match_the_closed_form():
+    c = nj.param_counts(CFG)
+    assert (c["total"], c["active"]) == _closed_form(CFG)
+    model = nnx.eval_shape(lambda: nj.HybridLM(CFG, rngs=nnx.Rngs(0)))
+    n_all = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert n_all == c["total"] + c["mtp"] and c["mtp"] == 2 * D + 2 * D * D + D + 2 * D * 20 + D
+
+
+# ------------------------------------------------------------------------------------------ forward
+def test_layer_states_chain_and_every_layer_matters(model):
+    t = tokens()
+    states = nnx.jit(lambda m, t: m.layer_states(t))(model, t)
+    assert len(states) == len(LAYERS) + 1
+    np.testing.assert_allclose(states[-1], nnx.jit(lambda m, t: m.hidden_states(t)[0])(model, t), rtol=1e-6)
+    for i, block in enumerate(model.layers):
+        np.testing.assert_allclose(logits_of(block, states[i])[0], states[i + 1], rtol=1e-5, atol=1e-5)
+        changed = float(jnp.max(jnp.abs(states[i + 1] - states[i])))
+        assert (changed == 0.0) == isinstance(LAYERS[i], NoOpSpec), i
+
+
+def test_cached_prefill_and_decode_reproduce_the_full_forward(model):
+    t = tokens(length=19)  # windows of 5, chunks of 4 and 8, partial last chunk
+    full = logits_of(model, t)
+    cache = model.init_cache(t.shape[0], t.shape[1])
+    assert [c is None for c in cache["layers"]] == [not isinstance(s, (MambaSpec, AttentionSpec)) for s in LAYERS]
+    cached_forward = nnx.jit(lambda m, x, c: m.forward(x, c))
+    pieces = []
+    logits, cache = cached_forward(model, t[:, :11], cache)
+    pieces.append(logits)
+    for i in range(11, 19):
+        logits, cache = cached_forward(model, t[:, i:i + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=2e-5, atol=2e-5)
+    out = nj.generate(model, t[:, :7], max_new_tokens=4)
+    np.testing.assert_array_equal(out[:, :7], t[:, :7])
+    greedy = jnp.argmax(logits_of(model, out[:, :10])[:, 6:], -1)  # what a full forward picks at each step
+    np.testing.assert_array_equal(out[:, 7:], greedy)
+
+
+def test_save_and_load_give_identical_logits(model, tmp_path):
+    nj.save_pretrained(model, tmp_path)
+    assert (tmp_path / NATIVE_CONFIG_NAME).exists() and not (tmp_path / "config.json").exists()
+    loaded = nj.load_pretrained(tmp_path, progress=False)
+    assert loaded.cfg == CFG
+    t = tokens()
+    np.testing.assert_array_equal(logits_of(loaded, t), logits_of(model, t))
+    np.testing.assert_array_equal(loaded.mtp_logits(t)[0], model.mtp_logits(t)[0])
+
+
+def test_a_uniform_model_still_writes_the_hf_config(tmp_path):
+    model = nj.HybridLM(nj.presets.get("tiny-moe"), rngs=nnx.Rngs(0))
+    nj.save_pretrained(model, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert ModelConfig.from_hf(hf) == model.cfg == ModelConfig.load(tmp_path / NATIVE_CONFIG_NAME)
+
+
+def test_sharding_rules_cover_every_parameter_of_every_kind(model):
+    mesh = AbstractMesh((1, 2, 2), ("data", "fsdp", "expert"))
+    specs = dict(nnx.to_flat_state(param_specs(nnx.state(model), mesh)))
+    by_name = {"/".join(map(str, p)): s.get_value() for p, s in specs.items()}
+    assert by_name["layers/3/mixer/up_proj"] == P("expert", "fsdp", None)  # [8, 32, 16]: experts, then the larger dim
+    assert by_name["layers/8/mixer/up_proj"][0] == "expert"  # the 4-expert layer too
+    assert by_name["layers/7/mixer/linear/kernel"] == P("fsdp", None)
+    assert by_name["layers/7/mixer/linear/bias"] == P()
+    assert by_name["layers/0/mixer/A_log"] == P()
+    with pytest.raises(ValueError, match="no parameter rule for 'layers/3/mixer/mystery'"):
+        param_rule(["layers", "3", "mixer", "mystery"])
+
+
+# ------------------------------------------------------------------------------------------ surgery
+def test_replace_layers_keeps_config_and_layers_in_agreement(model):
+    t = tokens()
+    child = model.replace_layers({1: (NoOpSpec(), None), 9: (LinearSpec(bias=True), None)}, rngs=nnx.Rngs(5))
+    assert child.cfg.pattern == "M.*E.M*LELL" and model.cfg == CFG  # the parent is unchanged
+    assert nj.param_counts(child.cfg)["total"] == _closed_form(child.cfg)[0]
+    # untouched layers share the parent's arrays, but not its Variables
+    assert child.layers[0].mixer.in_proj.kernel[...] is model.layers[0].mixer.in_proj.kernel[...]
+    states = nnx.jit(lambda m, t: m.layer_states(t))(child, t)
+    np.testing.assert_array_equal(states[1], states[2])  # layer 1 is the identity
+    nnx.update(child.layers[0], jax.tree.map(jnp.zeros_like, nnx.state(child.layers[0], nnx.Param)))
+    assert float(jnp.abs(model.layers[0].mixer.in_proj.kernel[...]).sum()) > 0
+    # a mixer module is wrapped with the replaced layer's norm: swapping in the layer's own mixer is exact
+    same = model.replace_layers({2: (LAYERS[2], model.layers[2].mixer)})
+    np.testing.assert_array_equal(logits_of(same, t), logits_of(model, t))
+    with pytest.raises(ValueError, match="built for MambaSpec"):
+        model.replace_layers({2: (LAYERS[2], model.layers[0].mixer)})
+    other_window = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3)
+    with pytest.raises(ValueError, match="built for AttentionSpec"):  # same shapes, different math
+        model.replace_layers({2: (other_window, model.layers[2].mixer)})
+    narrower = nj.HybridLM(CFG.replace_layers({1: MLPSpec(40, bias=True)}), rngs=nnx.Rngs(0)).layers[1]
+    with pytest.raises(ValueError, match="does not have the parameters"):
+        model.replace_layers({1: (MLPSpec(48, bias=True), narrower.mixer)})
+    with pytest.raises(ValueError, match="out of range"):
+        model.replace_layers({11: (NoOpSpec(), None)})
+    with pytest.raises(AttributeError):
+        model.cfg = CFG  # the config only changes through replace_layers
+
+
+# ------------------------------------------------------------------------------------------ training
+def _tc(tmp_path, name, **kw):
+    return TrainConfig(**{**dict(data="text", seq_len=16, batch_size=2, steps=4, warmup_steps=1, save_every=2,
+                                 eval_every=2, eval_batches=1, log_every=1, sample_tokens=4,
+                                 out_dir=str(tmp_path / name)), **kw})
+
+
+def test_trains_checkpoints_and_resumes_bit_for_bit(tmp_path):
+    straight = loop.train(_tc(tmp_path, "straight"), model_config=CFG, quiet=True)
+    assert straight["step"] == 4 and np.isfinite(straight["final_eval"]["ce"])
+    records = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    for r in trained:  # per-layer expert load of both MoE layers (8 and 4 experts), each a distribution
+        assert len(r["moe_load/layers.3.mixer"]) == 8 and len(r["moe_load/layers.8.mixer"]) == 4
+        assert abs(sum(r["moe_load/layers.8.mixer"]) - 1) < 1e-5
+    assert ModelConfig.load(tmp_path / "straight" / "model_config.json") == CFG
+
+    with interrupt_at(2):  # SIGINT while the batch of the third step is drawn: that step completes, then saves
+        first = loop.train(_tc(tmp_path, "resumed"), model_config=CFG, quiet=True)
+    assert first["interrupted"] == "SIGINT" and first["step"] == 3
+    assert loop.train(_tc(tmp_path, "resumed"), model_config=CFG, quiet=True)["step"] == 4
+    _, a, _ = loop.load_run(tmp_path / "straight")
+    _, b, _ = loop.load_run(tmp_path / "resumed")
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.cfg == b.cfg == CFG
