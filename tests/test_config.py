@@ -39,7 +39,7 @@ def _closed_form_counts(cfg: ModelConfig):
 def test_param_counts_match_closed_form(name):
     cfg = nj.presets.get(name)
     c = nj.param_counts(cfg)
-    # the router correction bias is a buffer (RouterBias), not a parameter, as in transformers
+    # the router correction bias is a buffer (CorrectionBias), not a parameter, as in transformers
     assert (c["total"], c["active"]) == _closed_form_counts(cfg)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import MLPSpec, MoESpec
-from nemojax.nn.layers import KEEP, Linear, RouterBias, Stateless
+from nemojax.nn.layers import KEEP, CorrectionBias, Linear, Stateless
 from nemojax.ops.ffn import ffn
 from nemojax.ops.moe import (IMPLEMENTATIONS, moe_ffn, route, router_z_loss, routing_stats, seq_aux_loss,
                              update_correction_bias)
@@ -56,7 +56,7 @@ class MoE(Stateless, nnx.Module):
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
         self.gate_weight = nnx.Param(std * jax.random.normal(rngs.params(), (hidden, e), dtype))
-        self.e_score_correction_bias = RouterBias(jnp.zeros((e,), jnp.float32))
+        self.correction_bias = CorrectionBias(jnp.zeros((e,), jnp.float32))
         self.up_proj = nnx.Param(std * jax.random.normal(rngs.params(), (e, d_in, f), dtype))
         self.down_proj = nnx.Param(out_std * jax.random.normal(rngs.params(), (e, f, d_in), dtype))
         lat = spec.latent_size
@@ -73,7 +73,7 @@ class MoE(Stateless, nnx.Module):
         s = self.spec
         x_TD = x.reshape(-1, x.shape[-1])
         logits = self.router_logits(x_TD)
-        weights, indices = route(logits, self.e_score_correction_bias[...], top_k=s.top_k,
+        weights, indices = route(logits, self.correction_bias[...], top_k=s.top_k,
                                  n_group=s.n_group, topk_group=s.topk_group, norm_topk_prob=s.norm_topk_prob,
                                  routed_scaling_factor=s.routed_scaling_factor)
         h = x_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(x_TD)
@@ -167,11 +167,11 @@ def pop_moe_stats(model: nnx.Module) -> dict[str, dict[str, jax.Array]]:
     return out
 
 
-def update_router_biases(model: nnx.Module, stats: dict[str, dict[str, jax.Array]], rate: float) -> None:
+def update_correction_biases(model: nnx.Module, stats: dict[str, dict[str, jax.Array]], rate: float) -> None:
     """Aux-loss-free balancing, in place: for each layer in `stats` (from `pop_moe_stats`), its
-    e_score_correction_bias += rate * sign(mean(counts) - counts) (= sign(mean(load) - load), without
+    correction_bias += rate * sign(mean(counts) - counts) (= sign(mean(load) - load), without
     fp32 rounding at the mean). Layers may have different expert counts."""
     for path, m in _moe_modules(model):
         if path in stats:
-            m.e_score_correction_bias[...] = update_correction_bias(m.e_score_correction_bias[...],
+            m.correction_bias[...] = update_correction_bias(m.correction_bias[...],
                                                                     stats[path]["counts"], rate)

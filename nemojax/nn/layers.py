@@ -17,7 +17,7 @@ class _Keep:
 KEEP = _Keep()  # the default of `configure_*` arguments: not given, so that setting is left as it is
 
 
-class RouterBias(nnx.Variable):
+class CorrectionBias(nnx.Variable):
     """MoE selection bias: updated by load balancing, never by the optimizer (not an nnx.Param)."""
 
 

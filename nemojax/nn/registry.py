@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import jax
+
 from nemojax.config import AttentionSpec, LayerSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec
 from nemojax.io.tensors import Entry, linear_entries
 from nemojax.nn.attention import Attention
@@ -93,7 +95,7 @@ def _mlp_tensors(s: MLPSpec, m: str, p: tuple) -> list[Entry]:
 
 def _moe_tensors(s: MoESpec, m: str, p: tuple) -> list[Entry]:
     out = [Entry(f"{m}.gate.weight", (*p, "gate_weight"), "t"),
-           Entry(f"{m}.gate.e_score_correction_bias", (*p, "e_score_correction_bias"), "copy"),
+           Entry(f"{m}.gate.e_score_correction_bias", (*p, "correction_bias"), "copy"),
            Entry(f"{m}.experts.up_proj", (*p, "up_proj"), "experts"),
            Entry(f"{m}.experts.down_proj", (*p, "down_proj"), "experts")]
     if s.shared_intermediate_size:
@@ -126,7 +128,7 @@ KINDS: dict[type, LayerKind] = {k.spec: k for k in (
         MoESpec,
         lambda s, cfg, **kw: MoE(s, cfg.hidden_size, **kw),
         _moe_tensors,
-        {"gate_weight": ParamRule("fsdp", fp32=True), "e_score_correction_bias": VECTOR,
+        {"gate_weight": ParamRule("fsdp", fp32=True), "correction_bias": VECTOR,
          "up_proj": ParamRule("expert", routed=True), "down_proj": ParamRule("expert", routed=True),
          **_linear("shared_experts/up_proj"), **_linear("shared_experts/down_proj"),
          **_linear("fc1_latent_proj"), **_linear("fc2_latent_proj")}),
@@ -171,6 +173,13 @@ def build_mixer(spec: LayerSpec, cfg: ModelConfig, *, out_std: float, dtype, rng
     return kind_of(spec).build(spec, cfg, std=cfg.init_std, out_std=out_std, dtype=dtype, rngs=rngs)
 
 
+def rule_at(key_path) -> ParamRule:
+    """The rule of the parameter at a jax key path into an nnx.State (a trailing `.value` is ignored)."""
+    if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and key_path[-1].name == "value":
+        key_path = key_path[:-1]
+    return param_rule(jax.tree_util.keystr(tuple(key_path), simple=True, separator="/").split("/"))
+
+
 def param_rule(names: Sequence[str]) -> ParamRule:
     """The rule of the parameter at this path (its names, e.g. ("layers", "3", "mixer", "in_proj", "kernel"))."""
     names = [str(n) for n in names]
@@ -186,4 +195,4 @@ def param_rule(names: Sequence[str]) -> ParamRule:
     return table[key]
 
 
-__all__ = ["KINDS", "LayerKind", "ParamRule", "build_mixer", "kind_of", "param_rule"]
+__all__ = ["KINDS", "LayerKind", "ParamRule", "build_mixer", "kind_of", "param_rule", "rule_at"]

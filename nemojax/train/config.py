@@ -38,7 +38,7 @@ class TrainConfig:
                                                                    "default": "the fastest for the backend"})
     capacity_factor: float | None = field(default=None, metadata={"help": "expert capacity factor",
                                                                   "default": "dropless"})
-    router_bias_rate: float = field(default=1e-3, metadata={"help": "aux-loss-free correction-bias update rate"})
+    correction_bias_rate: float = field(default=1e-3, metadata={"help": "aux-loss-free correction-bias update rate"})
     moe_aux_loss_coef: float = field(default=1e-4, metadata={"help": "per-sequence load-balancing loss weight"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss weight"})
     mtp_lambda: float = field(default=0.3, metadata={"help": "MTP loss weight (divided by the MTP depth)"})

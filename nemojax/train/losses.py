@@ -51,15 +51,14 @@ def kd_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0):
         raise ValueError(f"temperature must be > 0; got {temperature}")
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    kl = optax.losses.kl_divergence_with_log_targets(s, t)
     return temperature ** 2 * _masked_mean(kl, jnp.ones(kl.shape) if mask is None else mask)
 
 
 def cosine_distance(h_student, h_teacher, mask=None, eps: float = 1e-8):
     """Mean of 1 - cos(h_s, h_t) over positions; hidden states [..., D]."""
-    hs, ht = h_student.astype(jnp.float32), h_teacher.astype(jnp.float32)
-    cos = jnp.sum(hs * ht, -1) / jnp.maximum(jnp.linalg.norm(hs, axis=-1) * jnp.linalg.norm(ht, axis=-1), eps)
-    return _masked_mean(1.0 - cos, jnp.ones(cos.shape) if mask is None else mask)
+    dist = optax.losses.cosine_distance(h_student.astype(jnp.float32), h_teacher.astype(jnp.float32), epsilon=eps)
+    return _masked_mean(dist, jnp.ones(dist.shape) if mask is None else mask)
 
 
 def normalized_mse(h_student, h_teacher, mask=None, eps: float = 1e-8):

@@ -5,20 +5,14 @@ from __future__ import annotations
 import jax
 import optax
 
-from nemojax.nn.registry import param_rule
+from nemojax.nn.registry import rule_at
 from nemojax.train.config import TrainConfig
-
-
-def path_names(path) -> list[str]:
-    """Key-path entries as strings, without the trailing `.value` of an nnx.Variable leaf."""
-    names = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
-    return names[:-1] if names and isinstance(path[-1], jax.tree_util.GetAttrKey) else names
 
 
 def decays(path) -> bool:
     """Whether the parameter at this key path gets weight decay (its layer kind's rule: not norms,
     biases or SSM parameters)."""
-    return param_rule(path_names(path)).decay
+    return rule_at(path).decay
 
 
 def decay_mask(params):

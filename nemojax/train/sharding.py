@@ -74,15 +74,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 # ------------------------------------------------------------------------------------------ rules
 def _path_str(path) -> str:
-    names = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                names.append(str(getattr(k, attr)))
-                break
-        else:
-            names.append(str(k))
-    return "/".join(names)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _fsdp_dim(shape, dims, n: int):

@@ -12,11 +12,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nemojax.nn.ffn import pop_moe_stats, update_router_biases
-from nemojax.nn.registry import param_rule
+from nemojax.nn.ffn import pop_moe_stats, update_correction_biases
+from nemojax.nn.registry import rule_at
 from nemojax.train import losses
 from nemojax.train.config import TrainConfig
-from nemojax.train.optimizer import path_names, schedule
+from nemojax.train.optimizer import schedule
 
 def cast_for_compute(params, dtype):
     """The compute copy of fp32 master weights: floating params in `dtype`, except those whose layer kind
@@ -26,7 +26,7 @@ def cast_for_compute(params, dtype):
     if dtype == jnp.float32:
         return params
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: (p if param_rule(path_names(path)).fp32 or not jnp.issubdtype(p.dtype, jnp.floating)
+        lambda path, p: (p if rule_at(path).fp32 or not jnp.issubdtype(p.dtype, jnp.floating)
                          else p.astype(dtype)), params)
 
 
@@ -101,7 +101,7 @@ def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None, loss_fn=
         params = optax.apply_updates(state["params"], updates)
         # Aux-loss-free balancing: the router biases move by sign(mean load - load), outside the optimizer.
         model = nnx.merge(graphdef, params, state["rest"])
-        update_router_biases(model, stats, tc.router_bias_rate)
+        update_correction_biases(model, stats, tc.correction_bias_rate)
         rest = nnx.split(model, nnx.Param, ...)[2]
         metrics.update(grad_norm=optax.tree.norm(grads), lr=lr_at(state["step"]))
         return {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}, metrics

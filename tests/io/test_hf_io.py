@@ -50,7 +50,7 @@ def test_bf16_load_casts_parameters_but_keeps_router_bias_fp32(tmp_path):
     saved(tmp_path, "tiny-moe")
     model = nj.load_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert model.layers[0].mixer.in_proj.kernel[...].dtype == jnp.bfloat16
-    assert model.layers[1].mixer.e_score_correction_bias[...].dtype == jnp.float32
+    assert model.layers[1].mixer.correction_bias[...].dtype == jnp.float32
 
 
 def to_hub_layout(src, dst):

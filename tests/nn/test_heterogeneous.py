@@ -18,6 +18,7 @@ from nemojax.config import (AttentionSpec, LinearSpec, MambaSpec, MLPSpec, Model
                             SPEC_TYPES)
 from nemojax.io.hf import NATIVE_CONFIG_NAME
 from nemojax.nn.registry import KINDS, param_rule
+from nemojax.nn.ffn import configure_moe
 from nemojax.train import TrainConfig, loop
 from nemojax.train.sharding import param_specs
 from nemojax.train.step import make_eval_step, make_train_step
@@ -254,3 +255,38 @@ def test_trains_checkpoints_and_resumes_bit_for_bit(tmp_path):
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_array_equal(x, y)
     assert a.cfg == b.cfg == CFG
+
+
+def test_a_distillation_loss_trains_a_pruned_child_towards_its_parent():
+    """make_train_step with a loss_fn of our own: a child (one MoE layer pruned to 4 experts, one layer
+    dropped, one linearised) learns the parent's next-token distribution from logits carried in the batch."""
+    parent = scaled(nj.HybridLM(nj.presets.get("tiny-moe"), rngs=nnx.Rngs(2)))
+    child = parent.replace_layers({1: (MoESpec(num_experts=4, top_k=1, intermediate_size=32), None),
+                                   2: (NoOpSpec(), None), 3: (LinearSpec(), None)}, rngs=nnx.Rngs(3))
+    tc = TrainConfig(seq_len=16, batch_size=2, steps=40, warmup_steps=0, lr=1e-2, moe_aux_loss_coef=0.0)
+    configure_moe(child, collect_stats=True)
+    graphdef, tx, state = loop.init_state(tc, child)
+    t = tokens(length=16)
+    batch = {"inputs": t, "teacher_logits": logits_of(parent, t)}
+
+    def kd(model, batch):
+        loss = losses.kd_kl(model(batch["inputs"]), batch["teacher_logits"])
+        return loss, {"kd": loss}
+
+    def kl_by_hand(state):  # the objective's value, recomputed with NumPy from the merged student's logits
+        student = loop.merged(graphdef, state)
+        configure_moe(student, collect_stats=False)
+        s = np.asarray(logits_of(student, t), np.float64)
+        p = np.asarray(jax.nn.softmax(batch["teacher_logits"]), np.float64)
+        log_q = s - s.max(-1, keepdims=True)
+        log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+        return float(np.mean(np.sum(p * (np.log(p) - log_q), -1)))
+
+    eval_step, train_step = make_eval_step(graphdef, tc, loss_fn=kd), make_train_step(graphdef, tx, tc, loss_fn=kd)
+    before = eval_step(state, batch)
+    assert abs(float(before["kd"]) - kl_by_hand(state)) < 1e-5 * kl_by_hand(state)
+    assert float(before["loss"]) == float(before["kd"]) and "moe_load/layers.1.mixer" in before
+    for _ in range(tc.steps):
+        state, metrics = train_step(state, batch)
+    assert float(metrics["loss"]) < 0.3 * float(before["kd"])
+    assert abs(float(eval_step(state, batch)["kd"]) - kl_by_hand(state)) < 1e-4 * float(before["kd"])

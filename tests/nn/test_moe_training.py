@@ -10,8 +10,8 @@ from flax import nnx
 
 import nemojax as nj
 from nemojax.config import MoESpec
-from nemojax.nn.ffn import MoE, configure_moe, pop_moe_stats, update_router_biases
-from nemojax.nn.layers import RouterBias
+from nemojax.nn.ffn import MoE, configure_moe, pop_moe_stats, update_correction_biases
+from nemojax.nn.layers import CorrectionBias
 from nemojax.ops.moe import moe_ffn, route, router_z_loss, seq_aux_loss
 
 MOE_LAYERS = {"tiny-moe": ["layers.1.mixer", "layers.4.mixer"],
@@ -41,7 +41,7 @@ def test_stats_through_jit_and_value_and_grad():
 
         (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
         m = nnx.merge(graphdef, params, rest)
-        update_router_biases(m, stats, 0.5)
+        update_correction_biases(m, stats, 0.5)
         return value, stats, grads, nnx.split(m, nnx.Param, ...)[2]
 
     value, stats, grads, new_rest = step(params, rest)
@@ -59,12 +59,12 @@ def test_stats_through_jit_and_value_and_grad():
     assert float(jnp.abs(grads["layers"][1]["mixer"]["gate_weight"][...]).sum()) > 0  # aux loss reaches the router
     flat_rest = dict(nnx.to_flat_state(new_rest))
     for path, s in stats.items():  # bias moved by +-0.5 towards balance, exactly where counts differ from the mean
-        key = tuple(int(p) if p.isdigit() else p for p in path.split(".")) + ("e_score_correction_bias",)
+        key = tuple(int(p) if p.isdigit() else p for p in path.split(".")) + ("correction_bias",)
         n = np.asarray(s["counts"])
         np.testing.assert_allclose(flat_rest[key].get_value(), 0.5 * np.sign(n.mean() - n), atol=1e-7)
     # the bias is not a parameter, sown stats never reach the model, and switching back restores the
     # inference model exactly (same static graph, so the same compiled forward)
-    assert all(isinstance(v, RouterBias) for _, v in nnx.to_flat_state(rest))
+    assert all(isinstance(v, CorrectionBias) for _, v in nnx.to_flat_state(rest))
     assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
     configure_moe(model, implementation=None, capacity_factor=None, collect_stats=False)
     assert nnx.graphdef(model) == inference_graph
@@ -77,7 +77,7 @@ def small_moe(**kw):
 
 def test_layer_stats_match_the_formulas_and_capacity_keeps_the_shared_expert():
     moe = small_moe(shared_intermediate_size=8, n_group=2, topk_group=1, routed_scaling_factor=2.5)
-    moe.e_score_correction_bias[...] = jnp.linspace(-0.3, 0.3, 8)
+    moe.correction_bias[...] = jnp.linspace(-0.3, 0.3, 8)
     configure_moe(moe, implementation="ragged", capacity_factor=0.5, collect_stats=True)
     graphdef, state = nnx.split(moe)
     x = jax.random.normal(jax.random.key(4), (3, 10, 12))
@@ -91,7 +91,7 @@ def test_layer_stats_match_the_formulas_and_capacity_keeps_the_shared_expert():
         flat_stats = pop_moe_stats(m)[""]
         x_TD = x.reshape(-1, 12)
         logits = x_TD @ m.gate_weight[...]
-        w, idx = route(logits, m.e_score_correction_bias[...], top_k=2, n_group=2, topk_group=1,
+        w, idx = route(logits, m.correction_bias[...], top_k=2, n_group=2, topk_group=1,
                        routed_scaling_factor=2.5)
         routed, ref = moe_ffn(x_TD, w, idx, m.up_proj[...], m.down_proj[...], implementation="dense",
                               capacity_factor=0.5, return_stats=True)
@@ -134,7 +134,7 @@ def test_bias_updates_alone_balance_a_skewed_router():
         m = nnx.merge(graphdef, params, rest)
         m(jax.random.normal(key, (512, 12)) + 1.0)
         stats = pop_moe_stats(m)
-        update_router_biases(m, stats, 0.02)
+        update_correction_biases(m, stats, 0.02)
         return nnx.split(m, nnx.Param, ...)[2], stats[""]["load"]
 
     loads = []
@@ -145,7 +145,7 @@ def test_bias_updates_alone_balance_a_skewed_router():
     spread = loads.max(1) / np.maximum(loads.min(1), 1e-3)  # max/min load ratio per step
     assert spread[0] > 20 and spread[-10:].max() < 4
     assert loads[-10:].var(axis=1).max() < 0.1 * loads[0].var()
-    bias = nnx.merge(graphdef, params, rest).e_score_correction_bias[...]
+    bias = nnx.merge(graphdef, params, rest).correction_bias[...]
     assert float(bias[:3].max()) < float(bias[3:].min())  # the popular experts were pushed down
 
 

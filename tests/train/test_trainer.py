@@ -15,7 +15,7 @@ import nemojax as nj
 from nemojax.cli import main
 from nemojax.train import TrainConfig, loop
 from nemojax.train.step import default_loss_fn, objective
-from nemojax.train.optimizer import decays, path_names
+from nemojax.train.optimizer import decays
 
 
 def tiny_config(tmp_path, name, **kw):
@@ -64,7 +64,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
     assert r1["step"] == r2["step"] == 6
     for a, b in zip(_leaves(nnx.state(m1)), _leaves(nnx.state(m2)), strict=True):
         np.testing.assert_array_equal(a, b)  # bit for bit, router biases included
-    bias = nnx.state(m1, nj.nn.layers.RouterBias)
+    bias = nnx.state(m1, nj.nn.layers.CorrectionBias)
     assert any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(bias)), "router biases never moved"
     # metrics are not duplicated by the resume and every step is logged once
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
@@ -74,7 +74,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
 
 def test_weight_decay_mask():
     model = nj.HybridLM(nj.presets.get("tiny-latent-mtp"), rngs=nnx.Rngs(0))
-    names = {".".join(path_names(path)): decays(path)
+    names = {jax.tree_util.keystr(path[:-1], simple=True, separator="."): decays(path)
              for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
     no_decay = {n for n, d in names.items() if not d}
     expected = ({f"layers.0.mixer.{n}" for n in ("A_log", "D", "conv_bias", "dt_bias", "norm_weight")}
