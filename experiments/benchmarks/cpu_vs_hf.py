@@ -64,7 +64,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import nemojax as nj  # noqa: E402
-from nemojax.nn.ffn import MoE, configure_moe, pop_moe_stats, update_router_biases  # noqa: E402
+from nemojax.nn.ffn import MoE, configure_moe, pop_moe_stats, update_correction_biases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
@@ -242,13 +242,13 @@ def balance_routers(model, hf, tokens, rounds: int = 60) -> None:
     forward = nnx.jit(lambda m, t: m(t))
     for r in range(rounds):
         forward(model, tokens)
-        update_router_biases(model, pop_moe_stats(model), rate=0.1 * 0.93 ** r)
+        update_correction_biases(model, pop_moe_stats(model), rate=0.1 * 0.93 ** r)
     configure_moe(model, collect_stats=False)
     with torch.no_grad():
         for path, m in nnx.iter_modules(model):
             if isinstance(m, MoE):
                 layer = hf.model.layers[int(path[1])].mixer.gate
-                layer.e_score_correction_bias.copy_(torch.tensor(np.asarray(m.e_score_correction_bias[...])))
+                layer.e_score_correction_bias.copy_(torch.tensor(np.asarray(m.correction_bias[...])))
 
 
 def router_load(model, tokens) -> dict[str, float]:
