@@ -143,9 +143,10 @@ def batched(x, weights, indices, w_up, w_down, *, kept=None, cap=None):
 # --------------------------------------------------------------------------------------- loop
 def loop_tile_rows(assignments: int, num_experts: int) -> int:
     """Rows per tile of "loop": the mean load T*K/E rounded up to a power of two, at most 64. At
-    balanced load an expert then runs one or two tiles, so the loop's fixed cost per tile (~10 us
-    on a CPU) is paid rarely, and padding costs at most E * (m - 1) rows; past 64 rows a tile's
-    GEMM rate no longer grows (measured on CPU, moe_dispatch.py)."""
+    balanced load an expert then runs one or two tiles, so the loop's fixed cost per tile is paid
+    rarely, and padding costs at most E * (m - 1) rows. (Fixed tiles of 1 to 256 rows were tried
+    on CPU at the shapes of experiments/benchmarks/moe_dispatch.py; this rule was the best or
+    within the noise of it at each.)"""
     mean = max(1, -(-assignments // num_experts))
     return min(64, 1 << (mean - 1).bit_length())
 
