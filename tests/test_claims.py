@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import mean, median
 
 import pytest
-from test_config import _closed_form_counts  # equals nj.param_counts (test_config.py asserts it), no tracing
+from testutils import closed_form_counts  # equals nj.param_counts (test_config.py asserts it), no tracing
 
 import nemojax as nj
 
@@ -33,10 +33,7 @@ MARKER = re.compile(r"<!--\s*source:\s*(\S+)\s*-->")
 # Sections whose tables still wait for their source marker and renderer: (document, heading prefix).
 # The section's owner deletes the entry when adding them. Only *unmarked* tables are excused (a
 # marked table there is checked like any other), and an entry with no unmarked table left fails.
-PENDING_SOURCES = {
-    ("experiments/benchmarks/RESULTS.md", "MoE dispatch"),
-    ("experiments/benchmarks/RESULTS.md", "CPU: nemojax vs HF transformers"),
-}
+PENDING_SOURCES: set[tuple[str, str]] = set()
 
 TABLES: dict[str, Callable] = {}
 PROSE: dict[tuple[str, str], Callable] = {}
@@ -179,7 +176,7 @@ def preset_table(_):
     rows = [["preset", "layers (M / * / - / E)", "total", "active per token"]]
     for name in ("nemotron-h-8b", "nemotron-h-56b", "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"):
         cfg = nj.presets.get(name)
-        total, active = _closed_form_counts(cfg)
+        total, active = closed_form_counts(cfg)
         layers = " / ".join(str(cfg.pattern.count(s)) for s in "M*-E")
         mtp = f" (+ MTP `{cfg.mtp_pattern}`)" if cfg.mtp_depth else ""
         rows.append([name, layers + mtp, f"{total / 1e9:.2f}B", f"{active / 1e9:.2f}B"])
@@ -190,7 +187,7 @@ def preset_table(_):
 def preset_prose(_):
     cfg = nj.presets.get("nemotron-3-nano-30b-a3b")
     embedding = cfg.vocab_size * cfg.hidden_size
-    return [f"(Nano: {(_closed_form_counts(cfg)[1] - embedding) / 1e9:.2f}B without the {embedding / 1e9:.2f}B input "
+    return [f"(Nano: {(closed_form_counts(cfg)[1] - embedding) / 1e9:.2f}B without the {embedding / 1e9:.2f}B input "
             f"embedding)"]
 
 
@@ -426,6 +423,94 @@ def blocks_prose(d):
         f"`--seeds` sets the seed count ({a['seeds']} at m = {a['width']}, {narrow['seeds']} at "
         f"m = {a['small_width']})",
     ]
+
+
+# ------------------------------------------------------------------ experiments/benchmarks/RESULTS.md
+BENCH = "experiments/benchmarks/RESULTS.md"
+DISPATCH = "experiments/benchmarks/results/moe_dispatch.json"
+CPU_VS_HF = {h: f"experiments/benchmarks/results/cpu_vs_hf_h{h}.json" for h in (256, 512)}
+CPU_VS_HF_GOALS = {512: {"train": 1.0, "decode": 4.0}, 256: {"train": 1.2, "decode": 5.0}}  # as cpu_vs_hf.py
+
+
+def load_range(env_or_result) -> str:
+    loads = [x for key in ("load_avg_at_start", "load_avg_at_end") for x in env_or_result[key]]
+    return span(loads, lambda x: f"{x:.1f}")
+
+
+@table(DISPATCH)
+def dispatch_table(d):
+    impls = list(d["cases"][0]["results"])
+    rows = [["shape (T, D, F, E, K)", "router (busiest / mean load)", "capacity", "mode"]
+            + [f"{i} (spread)" if i == d["default"] else i for i in impls]]
+    for c in d["cases"]:
+        r = c["results"]
+        cap = "dropless" if c["capacity_factor"] is None else f"cf {c['capacity_factor']:g} (C={c['capacity']})"
+        cells = [f"{r[i]['ms']:.1f} ms ({r[i]['ms_min']:.1f}-{r[i]['ms_max']:.1f})" if i == d["default"] else
+                 f"{r[i]['ms']:.1f} ms, {r[i]['vs_default']:.2f}x ({r[i]['vs_default_cpu']:.2f}x)" for i in impls]
+        rows.append([f"{c['shape']} ({c['T']}, {c['D']}, {c['F']}, {c['E']}, {c['K']})",
+                     f"{c['router']} ({c['busiest_over_mean']:.2f})", cap, c["mode"]] + cells)
+    return rows
+
+
+@prose(BENCH, DISPATCH)
+def dispatch_prose(d):
+    def ratios(impl, pick):
+        cases = [c for c in d["cases"] if pick(c)]
+        return [c["results"][impl]["vs_default_cpu"] for c in cases]
+
+    training = ("nano/16", "hf-bench-512", "hf-bench-256")
+    unbalanced = lambda c: c["router"] == "unbalanced" and c["shape"] in training and c["mode"] == "fwd+bwd"
+    balanced = lambda c: (c["router"] == "balanced" and c["capacity_factor"] is None and c["shape"] in training
+                          and c["mode"] == "fwd+bwd")
+    others = [i for i in d["cases"][0]["results"] if i != d["default"]]
+    beaten = min(min(c["results"][i]["vs_default_cpu"] for i in others) for c in d["cases"]
+                 if c["shape"] not in ("small",))
+    return [f"jax {d['jax']}, {d['backend']} backend, {d['cpu_count']} cores, load average {load_range(d)}",
+            f"median of {d['repeats']} rounds",
+            f"dropless fwd+bwd with the unbalanced router, \"batched\" takes {span(ratios('batched', unbalanced))}x "
+            f"and \"dense\" {span(ratios('dense', unbalanced))}x the CPU time of \"loop\"",
+            f"with balanced routers \"batched\" takes {span(ratios('batched', balanced))}x",
+            f"on every shape but \"small\" no other implementation takes less than {beaten:.2f}x the CPU time of "
+            f"\"loop\""]
+
+
+def cpu_vs_hf_rows(d, hidden: int):
+    rows = [["model (busiest / mean expert load)", "metric", "HF tok/s", "nemojax tok/s", "wall ratio (goal)",
+             "pair-ratio range", "CPU-time ratio", "roofline fraction nemojax / HF, wall (CPU time)"]]
+    for name, r in d["results"].items():
+        load = r.get("busiest_over_mean_load") or {}
+        label = f"{name} ({min(load.values()):.2f}-{max(load.values()):.2f})" if load else name
+        for metric in ("train", "decode"):
+            m = r[metric]
+            if metric == "train":
+                f = m["roofline"]
+                frac = (f"{f['jax']['fraction']:.2f} / {f['torch']['fraction']:.2f} "
+                        f"({f['jax']['fraction_cpu']:.2f} / {f['torch']['fraction_cpu']:.2f})")
+            else:
+                frac = f"{m['bandwidth_fraction_nemojax']:.2f} / {m['bandwidth_fraction_hf']:.2f}"
+            rows.append([label, metric, f"{m['hf_tok_per_s']:.0f}", f"{m['nemojax_tok_per_s']:.0f}",
+                         f"{m['ratio']:.2f}x ({CPU_VS_HF_GOALS[hidden][metric]}x)",
+                         f"{m['ratio_min_max'][0]:.2f}-{m['ratio_min_max'][1]:.2f}", f"{m['cpu_ratio']:.2f}x", frac])
+    return rows
+
+
+def cpu_vs_hf_prose(d, hidden: int):
+    goals = CPU_VS_HF_GOALS[hidden]
+
+    def met(key):
+        hits = [f"{name} {metric}" for name, r in d["results"].items() for metric in ("train", "decode")
+                if r[metric][key] >= goals[metric]]
+        return ", ".join(hits) or "none"
+
+    env = d["env"]
+    return [f"Width {hidden}: load average {load_range(env)} ({env['date']}, jax {env['jax']}, torch {env['torch']}, "
+            f"transformers {env['transformers']}, {d['args']['repeats']} pairs)",
+            f"Width {hidden} goals met in wall time: {met('ratio')}; in CPU time: {met('cpu_ratio')}."]
+
+
+for _h in CPU_VS_HF:
+    table(CPU_VS_HF[_h])(lambda d, h=_h: cpu_vs_hf_rows(d, h))
+    prose(BENCH, CPU_VS_HF[_h])(lambda d, h=_h: cpu_vs_hf_prose(d, h))
 
 
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)

@@ -3,44 +3,17 @@ import json
 import pytest
 
 import nemojax as nj
-from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig
+from nemojax.config import MLPSpec, ModelConfig
+from testutils import closed_form_counts
 
 
 # ----------------------------------------------------------------------------- parameter counts
-def _closed_form_counts(cfg: ModelConfig):
-    """Independent oracle: parameter counts written out from the architecture's formulas."""
-    d, total, active = cfg.hidden_size, 0, 0
-    total += cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d  # embeddings (+ head) + norm_f
-    active = total
-    for s in cfg.layers:
-        n, a = d, d  # pre-norm
-        if isinstance(s, MambaSpec):
-            i, c, h = s.num_heads * s.head_dim, s.conv_dim, s.num_heads
-            n += d * (i + c + h) + c * s.conv_kernel + c * s.conv_bias + 3 * h + i + i * d
-            a = n
-        elif isinstance(s, AttentionSpec):
-            n += 2 * d * s.num_heads * s.head_dim + 2 * d * s.num_kv_heads * s.head_dim
-            a = n
-        elif isinstance(s, MLPSpec):
-            n += 2 * d * s.intermediate_size
-            a = n
-        else:
-            din = s.latent_size or d
-            routed = 2 * s.num_experts * din * s.intermediate_size
-            other = d * s.num_experts + 2 * d * s.shared_intermediate_size + (2 * d * din if s.latent_size else 0)
-            n += routed + other
-            a += routed * s.top_k // s.num_experts + other
-        total += n
-        active += a
-    return total, active
-
-
 @pytest.mark.parametrize("name", nj.presets.names())
 def test_param_counts_match_closed_form(name):
     cfg = nj.presets.get(name)
     c = nj.param_counts(cfg)
     # the router correction bias is a buffer (CorrectionBias), not a parameter, as in transformers
-    assert (c["total"], c["active"]) == _closed_form_counts(cfg)
+    assert (c["total"], c["active"]) == closed_form_counts(cfg)
 
 
 @pytest.mark.parametrize("name,total,active", [

@@ -1,8 +1,6 @@
 """Checkpoint I/O without torch: round trips, the NVIDIA hub layout, and clear errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +10,7 @@ from safetensors.flax import load_file, save_file
 
 import nemojax as nj
 from nemojax.io.hf import INDEX_NAME, checkpoint_entries
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "fixtures"))
-from make_golden import to_hub_layout as hub_layout  # noqa: E402
+from fixtures.make_golden import to_hub_layout as hub_layout
 
 
 def saved(tmp_path, name="tiny-latent-mtp"):

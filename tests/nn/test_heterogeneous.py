@@ -23,7 +23,7 @@ from nemojax.train import TrainConfig, loop
 from nemojax.train.sharding import param_specs
 from nemojax.train.step import make_eval_step, make_train_step
 from nemojax.train import losses
-from testutils import interrupt_at
+from testutils import closed_form_counts, interrupt_at
 
 D = 32
 LAYERS = (
@@ -104,36 +104,9 @@ def test_bad_native_config_names_the_field(mutate, needle):
     assert needle in str(err.value)
 
 
-def _closed_form(cfg):
-    """Parameter counts from the layer formulas, written out independently of the registry."""
-    d = cfg.hidden_size
-    total = active = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
-    for s in cfg.layers:
-        n, routed = 0, 0
-        if isinstance(s, MambaSpec):
-            i, c, h = s.num_heads * s.head_dim, s.conv_dim, s.num_heads
-            n = d * (i + c + h) + c * s.conv_kernel + c * s.conv_bias + 3 * h + i + i * d
-            n += (i + c + h + d) * s.proj_bias
-        elif isinstance(s, AttentionSpec):
-            n = 2 * d * s.num_heads * s.head_dim + 2 * d * s.num_kv_heads * s.head_dim
-        elif isinstance(s, MLPSpec):
-            n = 2 * d * s.intermediate_size + (s.intermediate_size + d) * s.bias
-        elif isinstance(s, MoESpec):
-            din = s.latent_size or d
-            routed = 2 * s.num_experts * din * s.intermediate_size
-            n = d * s.num_experts + 2 * d * s.shared_intermediate_size + (2 * d * din + din + d if s.latent_size else 0)
-            n -= (din + d) * (not s.bias) if s.latent_size else 0
-        elif isinstance(s, LinearSpec):
-            n = d * d + d * s.bias
-        norm = 0 if isinstance(s, NoOpSpec) else d
-        total += n + routed + norm
-        active += n + norm + routed * s.top_k // s.num_experts if routed else n + norm
-    return total, active
-
-
-def test_param_counts_match_the_closed_form():
+def test_param_counts_match_theclosed_form_counts():
     c = nj.param_counts(CFG)
-    assert (c["total"], c["active"]) == _closed_form(CFG)
+    assert (c["total"], c["active"]) == closed_form_counts(CFG)
     model = nnx.eval_shape(lambda: nj.HybridLM(CFG, rngs=nnx.Rngs(0)))
     n_all = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert n_all == c["total"] + c["mtp"] and c["mtp"] == 2 * D + 2 * D * D + D + 2 * D * 20 + D
@@ -205,7 +178,7 @@ def test_replace_layers_keeps_config_and_layers_in_agreement(model):
     t = tokens()
     child = model.replace_layers({1: (NoOpSpec(), None), 9: (LinearSpec(bias=True), None)}, rngs=nnx.Rngs(5))
     assert child.cfg.pattern == "M.*E.M*LELL" and model.cfg == CFG  # the parent is unchanged
-    assert nj.param_counts(child.cfg)["total"] == _closed_form(child.cfg)[0]
+    assert nj.param_counts(child.cfg)["total"] == closed_form_counts(child.cfg)[0]
     # untouched layers share the parent's arrays, but not its Variables
     assert child.layers[0].mixer.in_proj.kernel[...] is model.layers[0].mixer.in_proj.kernel[...]
     states = nnx.jit(lambda m, t: m.layer_states(t))(child, t)

@@ -5,13 +5,9 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
+from testutils import rel_err
 
 TINY = ["tiny-hybrid", "tiny-moe", "tiny-latent-mtp"]
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
 def scaled_model(name, seed=0):

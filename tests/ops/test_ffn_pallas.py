@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from nemojax.ops.ffn import IMPLEMENTATIONS, FfnConfig, default_implementation, ffn, fused_relu2_ffn, relu2_ffn
+from testutils import rel_l2
 
 ROOT = Path(__file__).resolve().parents[2]
 T, D, F = 40, 48, 80
@@ -45,12 +46,6 @@ def np_ffn_and_grads(dy, x, w_up, w_down, b_up=None, b_down=None):
     y = a @ w_down + (0 if b_down is None else np.asarray(b_down, np.float64))
     grads = (dh @ w_up.T, x.T @ dh, a.T @ dy) + (() if b_up is None else (dh.sum(0), dy.sum(0)))
     return y, grads
-
-
-def rel_err(a, ref):
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(a))
-    return np.linalg.norm(a - ref) / np.linalg.norm(ref)
 
 
 @jax.jit
@@ -92,15 +87,15 @@ def test_bf16_against_fp32_oracles(biases):
     # Rounding points, each at most 2^-9 relative: the activation a (bf16 before the down
     # projection, as in relu2_ffn) and the output; for gradients also dh (bf16 operand of two dots)
     # and the bf16 result. 2^-7 bounds the sum of three such errors; rms errors are far smaller.
-    assert rel_err(y, y_np) < 2 ** -7
+    assert rel_l2(y, y_np) < 2 ** -7
     # the reference rounds at the same points, only the fp32 summation order differs
-    assert rel_err(y, relu2_ffn(*args)) < 2 ** -8
+    assert rel_l2(y, relu2_ffn(*args)) < 2 ** -8
     grads = pallas_grads(dy, *args)
     assert len(grads) == len(grads_np) == len(args)
     for name, g, g_ref, g_np in zip(GRAD_NAMES, grads, reference_grads(dy, *args), grads_np, strict=False):
         assert g.dtype == jnp.bfloat16, name
-        assert rel_err(g, g_np) < 2 ** -7, name
-        assert rel_err(g, g_ref) < 2 ** -7, name
+        assert rel_l2(g, g_np) < 2 ** -7, name
+        assert rel_l2(g, g_ref) < 2 ** -7, name
 
 
 def test_dispatch_leading_dims_biases_and_errors():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nemojax.ops.moe.pallas_gmm import GmmConfig, gmm, group_metadata, tgmm
+from testutils import rel_l2
 
 M, K, N, G = 100, 40, 48, 7
 BLOCKS = GmmConfig(block_m=16, block_k=16, block_n=32)
@@ -47,12 +48,6 @@ def np_grads(lhs, rhs, sizes, ct):
         drhs[g] = lhs[rows].T @ ct[rows]
         start += s
     return dlhs, drhs
-
-
-def rel_err(a, ref):
-    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(a))
-    return np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def inputs(dtype, seed=0):
@@ -108,15 +103,15 @@ def test_forward_bf16():
     gs = jnp.array(sizes, jnp.int32)
     # bf16 x bf16 products are exact in fp32, so against the float64 oracle on the same rounded
     # inputs only fp32 summation error remains
-    assert rel_err(pallas_fwd(lhs, rhs, gs), np_gmm(lhs, rhs, sizes)) < 1e-6
+    assert rel_l2(pallas_fwd(lhs, rhs, gs), np_gmm(lhs, rhs, sizes)) < 1e-6
     # a bf16 result adds one rounding (relative 2^-9 per element)
     out16 = pallas_fwd(lhs, rhs, gs, out_dtype=jnp.bfloat16)
     assert out16.dtype == jnp.bfloat16
-    assert rel_err(out16, np_gmm(lhs, rhs, sizes)) < 2 ** -8
+    assert rel_l2(out16, np_gmm(lhs, rhs, sizes)) < 2 ** -8
     # against the fp32 oracle on unrounded inputs: each operand carries a relative rounding error
     # of at most 2^-9 (about 2^-10 rms), so the product is off by ~2^-9.5 rms relative; 1e-2 is 5x that
     lhs32, rhs32, _ = inputs(jnp.float32, seed=1)
-    assert rel_err(pallas_fwd(lhs, rhs, gs), np_gmm(lhs32, rhs32, sizes)) < 1e-2
+    assert rel_l2(pallas_fwd(lhs, rhs, gs), np_gmm(lhs32, rhs32, sizes)) < 1e-2
 
 
 @pytest.mark.parametrize("case", ["empty_first_middle_last", "exactly_full", "all_empty"])
@@ -145,8 +140,8 @@ def test_gradients_bf16():
     ref_dlhs, ref_drhs = np_grads(lhs, rhs, sizes, ct)
     # the fp32 cotangent is rounded to bf16 in the kernel and the result is bf16: two roundings of
     # at most 2^-9 relative each
-    assert rel_err(dlhs, ref_dlhs) < 2 ** -7
-    assert rel_err(drhs, ref_drhs) < 2 ** -7
+    assert rel_l2(dlhs, ref_dlhs) < 2 ** -7
+    assert rel_l2(drhs, ref_drhs) < 2 ** -7
 
 
 def test_central_finite_difference():

@@ -1,24 +1,17 @@
 """Live parity against transformers' NemotronH (PyTorch, CPU): `pytest -m parity tests/parity`."""
 
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import nemojax as nj
+from testutils import rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).parent.parent / "fixtures"))
-from make_golden import CONFIGS, build_hf_model, golden_outputs  # noqa: E402
+from fixtures.make_golden import CONFIGS, build_hf_model, golden_outputs  # noqa: E402 (needs torch)
 
 pytestmark = pytest.mark.parity
-
-
-def rel_err(a, b):
-    return np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b))
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
