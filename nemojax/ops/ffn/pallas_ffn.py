@@ -66,12 +66,12 @@ def _bias_tile(b_ref, c0, block):
     return load_tile(b_ref, (pl.ds(0, 1), pl.ds(c0, block)), None, edge_mask(c0, block, b_ref.shape[1]))
 
 
-def _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, cfg: FfnConfig, dy_ref=None, w_down_ref=None):
+def _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, config: FfnConfig, dy_ref=None, w_down_ref=None):
     """h = x[t-tile] @ w_up[:, f-tile] + b_up[f-tile] and, given dy and w_down, da = dy[t-tile] @
     w_down[f-tile]^T (both [bt, bf] fp32), in one loop over D chunks."""
     t, d = x_ref.shape
     f = w_up_ref.shape[1]
-    bt, bf, bk = cfg.block_t, cfg.block_f, cfg.block_k
+    bt, bf, bk = config.block_t, config.block_f, config.block_k
     cd = x_ref.dtype
     rows, cols = pl.ds(t0, bt), pl.ds(f0, bf)
     t_mask, f_mask = edge_mask(t0, bt, t), edge_mask(f0, bf, f)
@@ -93,13 +93,13 @@ def _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, cfg: FfnConfig, dy_ref=None, w_d
     return (h + _bias_tile(b_up_ref, f0, bf), *da)
 
 
-def _row_tile_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, last_ref, out_ref, *, cfg: FfnConfig,
+def _row_tile_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, last_ref, out_ref, *, config: FfnConfig,
                      backward: bool):
     """One [token tile, D tile] of y (last_ref = b_down) or, backward, of dx (last_ref = dy): a
     loop over F tiles that recomputes the up projection of the token tile for each."""
     t, d = x_ref.shape
     f = w_up_ref.shape[1]
-    bt, bf, bd = cfg.block_t, cfg.block_f, cfg.block_d
+    bt, bf, bd = config.block_t, config.block_f, config.block_d
     t0, d0 = pl.program_id(0) * bt, pl.program_id(1) * bd
     d_mask = edge_mask(d0, bd, d)
 
@@ -107,12 +107,12 @@ def _row_tile_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, last_ref, out_ref, *
         f0 = fi * bf
         f_mask = edge_mask(f0, bf, f)
         if not backward:  # y += relu(h)^2 @ w_down[f-tile, d-tile]
-            (h,) = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, cfg)
+            (h,) = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, config)
             a = jnp.square(jnp.maximum(h, 0.0)).astype(x_ref.dtype)
             w = load_tile(w_down_ref, (pl.ds(f0, bf), pl.ds(d0, bd)), f_mask, d_mask)
             return acc + dot(a, w.astype(x_ref.dtype))
         # dx += (2 relu(h) * (dy @ w_down^T)) @ w_up[d-tile, f-tile]^T
-        h, da = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, cfg, last_ref, w_down_ref)
+        h, da = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, config, last_ref, w_down_ref)
         dh = (2.0 * jnp.maximum(h, 0.0) * da).astype(x_ref.dtype)
         w = load_tile(w_up_ref, (pl.ds(d0, bd), pl.ds(f0, bf)), d_mask, f_mask)
         return acc + dot(dh, w.astype(x_ref.dtype), trans_b=True)
@@ -124,10 +124,10 @@ def _row_tile_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, last_ref, out_ref, *
 
 
 def _dw_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, dy_ref, dw_up_ref, dw_down_ref, db_up_ref, *,
-               cfg: FfnConfig):
+               config: FfnConfig):
     t, d = x_ref.shape
     f = w_up_ref.shape[1]
-    bt, bf, bd = cfg.block_t, cfg.block_f, cfg.block_d
+    bt, bf, bd = config.block_t, config.block_f, config.block_d
     f0, d0 = pl.program_id(0) * bf, pl.program_id(1) * bd
     f_mask, d_mask = edge_mask(f0, bf, f), edge_mask(d0, bd, d)
     cd = x_ref.dtype
@@ -136,7 +136,7 @@ def _dw_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, dy_ref, dw_up_ref, dw_down
         dw_up, dw_down, db_up = acc
         t0 = ti * bt
         # rows past T: x and dy read 0, so da = 0 and they add nothing (h there is b_up, not 0)
-        h, da = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, cfg, dy_ref, w_down_ref)
+        h, da = _up_tile(x_ref, w_up_ref, b_up_ref, t0, f0, config, dy_ref, w_down_ref)
         relu = jnp.maximum(h, 0.0)
         a = jnp.square(relu).astype(cd)
         dh = 2.0 * relu * da
@@ -156,29 +156,29 @@ def _dw_kernel(x_ref, w_up_ref, b_up_ref, w_down_ref, dy_ref, dw_up_ref, dw_down
         store_tile(db_up_ref, (pl.ds(0, 1), pl.ds(f0, bf)), db_up, None, f_mask)
 
 
-def _row_tiles(x, w_up, b_up, w_down, last, cfg: FfnConfig, backward: bool):
+def _row_tiles(x, w_up, b_up, w_down, last, config: FfnConfig, backward: bool):
     t, d = x.shape
-    kernel = functools.partial(_row_tile_kernel, cfg=cfg, backward=backward)
-    return cfg.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((t, d), x.dtype),
-                           grid=(pl.cdiv(t, cfg.block_t), pl.cdiv(d, cfg.block_d)),
+    kernel = functools.partial(_row_tile_kernel, config=config, backward=backward)
+    return config.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((t, d), x.dtype),
+                           grid=(pl.cdiv(t, config.block_t), pl.cdiv(d, config.block_d)),
                            name="relu2_ffn_dx" if backward else "relu2_ffn_fwd")(x, w_up, b_up, w_down, last)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused(x, w_up, b_up, w_down, b_down, cfg: FfnConfig):
-    return _row_tiles(x, w_up, b_up, w_down, b_down, cfg, backward=False)
+def _fused(x, w_up, b_up, w_down, b_down, config: FfnConfig):
+    return _row_tiles(x, w_up, b_up, w_down, b_down, config, backward=False)
 
 
-def _fused_fwd(x, w_up, b_up, w_down, b_down, cfg):
-    return _fused(x, w_up, b_up, w_down, b_down, cfg), (x, w_up, b_up, w_down)
+def _fused_fwd(x, w_up, b_up, w_down, b_down, config):
+    return _fused(x, w_up, b_up, w_down, b_down, config), (x, w_up, b_up, w_down)
 
 
-def _fused_bwd(cfg, res, dy):
+def _fused_bwd(config, res, dy):
     x, w_up, b_up, w_down = res
     d, f = w_up.shape
-    dx = _row_tiles(x, w_up, b_up, w_down, dy, cfg, backward=True)
-    dw_up, dw_down, db_up = cfg.pallas_call(
-        functools.partial(_dw_kernel, cfg=cfg), grid=(pl.cdiv(f, cfg.block_f), pl.cdiv(d, cfg.block_d)),
+    dx = _row_tiles(x, w_up, b_up, w_down, dy, config, backward=True)
+    dw_up, dw_down, db_up = config.pallas_call(
+        functools.partial(_dw_kernel, config=config), grid=(pl.cdiv(f, config.block_f), pl.cdiv(d, config.block_d)),
         out_shape=(jax.ShapeDtypeStruct(w_up.shape, w_up.dtype), jax.ShapeDtypeStruct(w_down.shape, w_down.dtype),
                    jax.ShapeDtypeStruct(b_up.shape, f32)),
         name="relu2_ffn_dw")(x, w_up, b_up, w_down, dy)
@@ -199,12 +199,12 @@ def fused_relu2_ffn(x, w_up, w_down, b_up=None, b_down=None, *, config: FfnConfi
     kernels, see the module doc).
     """
     check_ffn_args("fused_relu2_ffn", x, w_up, w_down, b_up, b_down)
-    cfg = (config or FfnConfig()).resolved()
+    config = (config or FfnConfig()).resolved()
     d, f = w_up.shape
     # absent biases are zeros: one masked load and add per tile, so one set of kernels serves both
     b_up, b_down = (jnp.zeros((1, n), f32) if b is None else b.astype(f32).reshape(1, n)
                     for b, n in ((b_up, f), (b_down, d)))
-    y = _fused(x.reshape(-1, d), w_up, b_up, w_down, b_down, cfg)
+    y = _fused(x.reshape(-1, d), w_up, b_up, w_down, b_down, config)
     return y.reshape(x.shape)
 
 

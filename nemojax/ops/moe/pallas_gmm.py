@@ -71,11 +71,11 @@ def group_metadata(group_sizes, m: int, block_m: int):
     return offsets, first, jnp.where(starts < filled, last, first)
 
 
-def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, cfg: GmmConfig,
+def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, config: GmmConfig,
                 transpose_rhs: bool, compute_dtype):
     m, k = lhs_ref.shape
     n = out_ref.shape[1]
-    bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
+    bm, bk, bn = config.block_m, config.block_k, config.block_n
     i, j = pl.program_id(0), pl.program_id(1)
     m0, n0 = i * bm, j * bn
     rows = m0 + jnp.arange(bm)
@@ -103,10 +103,10 @@ def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, 
     store_tile(out_ref, (pl.ds(m0, bm), pl.ds(n0, bn)), acc, edge_mask(m0, bm, m), n_mask)
 
 
-def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, cfg: GmmConfig, compute_dtype):
+def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, config: GmmConfig, compute_dtype):
     m, k = lhs_ref.shape
     n = dout_ref.shape[1]
-    bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
+    bm, bk, bn = config.block_m, config.block_k, config.block_n
     g, kt, nt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0, n0 = kt * bk, nt * bn
     k_mask, n_mask = edge_mask(k0, bk, k), edge_mask(n0, bn, n)
@@ -125,48 +125,48 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, cfg: GmmConfig, com
     store_tile(out_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), acc, k_mask, n_mask)
 
 
-def _gmm_call(lhs, rhs, meta, cfg: GmmConfig, *, transpose_rhs, out_dtype, compute_dtype):
+def _gmm_call(lhs, rhs, meta, config: GmmConfig, *, transpose_rhs, out_dtype, compute_dtype):
     m = lhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    kernel = functools.partial(_gmm_kernel, cfg=cfg, transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
-    return cfg.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-                           grid=(pl.cdiv(m, cfg.block_m), pl.cdiv(n, cfg.block_n)),
+    kernel = functools.partial(_gmm_kernel, config=config, transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
+    return config.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+                           grid=(pl.cdiv(m, config.block_m), pl.cdiv(n, config.block_n)),
                            name="gmm_t" if transpose_rhs else "gmm")(*meta, lhs, rhs)
 
 
 def tgmm(lhs, dout, group_sizes, *, out_dtype=jnp.float32, config: GmmConfig | None = None):
     """Per-group lhs_g^T @ dout_g -> [G, K, N] (zero for empty groups); lhs [M, K], dout [M, N].
     The weight gradient of `gmm`; config: tiles and launch options (None: the `GmmConfig` defaults)."""
-    cfg = (config or GmmConfig()).resolved()
-    offsets = group_metadata(group_sizes, lhs.shape[0], cfg.block_m)[0]
-    return _tgmm_call(lhs, dout, offsets, cfg, out_dtype, jnp.promote_types(lhs.dtype, dout.dtype))
+    config = (config or GmmConfig()).resolved()
+    offsets = group_metadata(group_sizes, lhs.shape[0], config.block_m)[0]
+    return _tgmm_call(lhs, dout, offsets, config, out_dtype, jnp.promote_types(lhs.dtype, dout.dtype))
 
 
-def _tgmm_call(lhs, dout, offsets, cfg: GmmConfig, out_dtype, compute_dtype):
+def _tgmm_call(lhs, dout, offsets, config: GmmConfig, out_dtype, compute_dtype):
     k, n, g = lhs.shape[1], dout.shape[1], offsets.shape[0] - 1
-    kernel = functools.partial(_tgmm_kernel, cfg=cfg, compute_dtype=compute_dtype)
-    return cfg.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-                           grid=(g, pl.cdiv(k, cfg.block_k), pl.cdiv(n, cfg.block_n)), name="tgmm")(offsets, lhs, dout)
+    kernel = functools.partial(_tgmm_kernel, config=config, compute_dtype=compute_dtype)
+    return config.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+                           grid=(g, pl.cdiv(k, config.block_k), pl.cdiv(n, config.block_n)), name="tgmm")(offsets, lhs, dout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, cfg: GmmConfig, out_dtype):
-    return _gmm_fwd(lhs, rhs, group_sizes, cfg, out_dtype)[0]
+def _gmm(lhs, rhs, group_sizes, config: GmmConfig, out_dtype):
+    return _gmm_fwd(lhs, rhs, group_sizes, config, out_dtype)[0]
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, cfg, out_dtype):
-    meta = group_metadata(group_sizes, lhs.shape[0], cfg.block_m)
-    out = _gmm_call(lhs, rhs, meta, cfg, transpose_rhs=False, out_dtype=out_dtype,
+def _gmm_fwd(lhs, rhs, group_sizes, config, out_dtype):
+    meta = group_metadata(group_sizes, lhs.shape[0], config.block_m)
+    out = _gmm_call(lhs, rhs, meta, config, transpose_rhs=False, out_dtype=out_dtype,
                     compute_dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
     return out, (lhs, rhs, meta)
 
 
-def _gmm_bwd(cfg, out_dtype, res, dout):
+def _gmm_bwd(config, out_dtype, res, dout):
     lhs, rhs, meta = res
     cd = jnp.promote_types(lhs.dtype, rhs.dtype)
     # dlhs: rows = M, contraction over N, output columns over K; the same tiles as the forward
-    dlhs = _gmm_call(dout, rhs, meta, cfg, transpose_rhs=True, out_dtype=lhs.dtype, compute_dtype=cd)
-    drhs = _tgmm_call(lhs, dout, meta[0], cfg, rhs.dtype, cd)  # tiles [bk, bn] of [K, N], bm rows a step
+    dlhs = _gmm_call(dout, rhs, meta, config, transpose_rhs=True, out_dtype=lhs.dtype, compute_dtype=cd)
+    drhs = _tgmm_call(lhs, dout, meta[0], config, rhs.dtype, cd)  # tiles [bk, bn] of [K, N], bm rows a step
     return dlhs, drhs, None
 
 

@@ -126,8 +126,8 @@ class _Cfg:
         return self.nc * self.q
 
 
-def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape):
-    return cfg.launch.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+def _call(config, kernel, name, grid, in_specs, out_specs, out_shape):
+    return config.launch.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                                   name=name)
 
 
@@ -240,9 +240,9 @@ def _dx_kernel(cb_ref, dy_ref, x_ref, dt_ref, cs_ref, seg_ref, dout_ref, b_ref, 
 
 # ---- launches (index maps keep every per-dimension index small; see the module docstring) -------
 
-def _specs(cfg):
+def _specs(config):
     """BlockSpec factories for the (b*nc, head-or-group, block) grids."""
-    nc, q, r = cfg.nc, cfg.q, cfg.r
+    nc, q, r = config.nc, config.q, config.r
 
     def bc(i):
         return i // nc, i % nc
@@ -251,114 +251,114 @@ def _specs(cfg):
         # [b, L, h, p] tile (Q, bp) of head hh
         x=lambda bp: pl.BlockSpec((None, q, None, bp), lambda i, hh, pb: (*bc(i), hh, pb)),
         # [b, L, g, n] tile (Q, n) of the group of head hh
-        bc_of_head=pl.BlockSpec((None, q, None, cfg.n), lambda i, hh, pb: (*bc(i), hh // r, 0)),
+        bc_of_head=pl.BlockSpec((None, q, None, config.n), lambda i, hh, pb: (*bc(i), hh // r, 0)),
         # [b, h, L] chunk (Q,) of head hh
         pos=pl.BlockSpec((None, None, q), lambda i, hh, pb: (i // nc, hh, i % nc)),
         seg=pl.BlockSpec((None, q), lambda i, hh, pb: (i // nc, i % nc)),
         cb_of_head=pl.BlockSpec((None, None, None, q, q), lambda i, hh, pb: (*bc(i), hh // r, 0, 0)),
-        state=pl.BlockSpec((None, None, None, cfg.bp, cfg.n), lambda i, hh, pb: (*bc(i), hh, pb, 0)),
+        state=pl.BlockSpec((None, None, None, config.bp, config.n), lambda i, hh, pb: (*bc(i), hh, pb, 0)),
         d=pl.BlockSpec((None,), lambda i, hh, pb: (hh,)),
         # per-position partial sums [b, h, blocks, L]
         part=pl.BlockSpec((None, None, None, q), lambda i, hh, pb: (i // nc, hh, pb, i % nc)),
         # grid (b*nc, g[, nb]): group-level tiles; heads of group gg are the block gg of size r
-        grp_x=pl.BlockSpec((None, q, r, cfg.p), lambda i, gg, *_: (*bc(i), gg, 0)),
+        grp_x=pl.BlockSpec((None, q, r, config.p), lambda i, gg, *_: (*bc(i), gg, 0)),
         grp_pos=pl.BlockSpec((None, r, q), lambda i, gg, *_: (i // nc, gg, i % nc)),
         grp_seg=pl.BlockSpec((None, q), lambda i, gg, *_: bc(i)),
         grp_cb=pl.BlockSpec((None, None, None, q, q), lambda i, gg, *_: (*bc(i), gg, 0, 0)),
     )
 
 
-def _launch_cb(cfg, C, B):
-    spec = pl.BlockSpec((None, cfg.q, None, cfg.n), lambda i, gg: (i // cfg.nc, i % cfg.nc, gg, 0))
-    return _call(cfg, _cb_kernel, "ssd_cb", (cfg.b * cfg.nc, cfg.g), [spec, spec],
-                 pl.BlockSpec((None, None, None, cfg.q, cfg.q), lambda i, gg: (i // cfg.nc, i % cfg.nc, gg, 0, 0)),
-                 jax.ShapeDtypeStruct((cfg.b, cfg.nc, cfg.g, cfg.q, cfg.q), f32))(C, B)
+def _launch_cb(config, C, B):
+    spec = pl.BlockSpec((None, config.q, None, config.n), lambda i, gg: (i // config.nc, i % config.nc, gg, 0))
+    return _call(config, _cb_kernel, "ssd_cb", (config.b * config.nc, config.g), [spec, spec],
+                 pl.BlockSpec((None, None, None, config.q, config.q), lambda i, gg: (i // config.nc, i % config.nc, gg, 0, 0)),
+                 jax.ShapeDtypeStruct((config.b, config.nc, config.g, config.q, config.q), f32))(C, B)
 
 
-def _launch_chunk_state(cfg, x, w, B):
-    s = _specs(cfg)
-    return _call(cfg, _chunk_state_kernel, "ssd_chunk_state", (cfg.b * cfg.nc, cfg.h, cfg.p // cfg.bp),
-                 [s["x"](cfg.bp), s["pos"], s["bc_of_head"]], s["state"],
-                 jax.ShapeDtypeStruct((cfg.b, cfg.nc, cfg.h, cfg.p, cfg.n), f32))(x, w, B)
+def _launch_chunk_state(config, x, w, B):
+    s = _specs(config)
+    return _call(config, _chunk_state_kernel, "ssd_chunk_state", (config.b * config.nc, config.h, config.p // config.bp),
+                 [s["x"](config.bp), s["pos"], s["bc_of_head"]], s["state"],
+                 jax.ShapeDtypeStruct((config.b, config.nc, config.h, config.p, config.n), f32))(x, w, B)
 
 
-def _state_pass_specs(cfg):
-    blk = pl.BlockSpec((None, cfg.nc, None, cfg.bpn), lambda bi, hh, k: (bi, 0, hh, k))
-    per_chunk = pl.BlockSpec((None, None, cfg.nc), lambda bi, hh, k: (bi, hh, 0))
-    one = pl.BlockSpec((None, None, cfg.bpn), lambda bi, hh, k: (bi, hh, k))
+def _state_pass_specs(config):
+    blk = pl.BlockSpec((None, config.nc, None, config.bpn), lambda bi, hh, k: (bi, 0, hh, k))
+    per_chunk = pl.BlockSpec((None, None, config.nc), lambda bi, hh, k: (bi, hh, 0))
+    one = pl.BlockSpec((None, None, config.bpn), lambda bi, hh, k: (bi, hh, k))
     return blk, per_chunk, one
 
 
-def _launch_state_pass(cfg, st, g, s0):
-    blk, per_chunk, one = _state_pass_specs(cfg)
-    pn = cfg.p * cfg.n
-    return _call(cfg, _state_pass_kernel, "ssd_state_pass", (cfg.b, cfg.h, pn // cfg.bpn),
+def _launch_state_pass(config, st, g, s0):
+    blk, per_chunk, one = _state_pass_specs(config)
+    pn = config.p * config.n
+    return _call(config, _state_pass_kernel, "ssd_state_pass", (config.b, config.h, pn // config.bpn),
                  [blk, per_chunk, one], (blk, one),
-                 (jax.ShapeDtypeStruct((cfg.b, cfg.nc, cfg.h, pn), f32), jax.ShapeDtypeStruct((cfg.b, cfg.h, pn), f32)),
-                 )(st.reshape(cfg.b, cfg.nc, cfg.h, pn), g, s0.reshape(cfg.b, cfg.h, pn))
+                 (jax.ShapeDtypeStruct((config.b, config.nc, config.h, pn), f32), jax.ShapeDtypeStruct((config.b, config.h, pn), f32)),
+                 )(st.reshape(config.b, config.nc, config.h, pn), g, s0.reshape(config.b, config.h, pn))
 
 
-def _launch_state_pass_bwd(cfg, ds, g, ent, dfinal):
-    blk, per_chunk, one = _state_pass_specs(cfg)
-    pn = cfg.p * cfg.n
-    nblk = pn // cfg.bpn
-    return _call(cfg, _state_pass_bwd_kernel, "ssd_state_pass_bwd", (cfg.b, cfg.h, nblk),
+def _launch_state_pass_bwd(config, ds, g, ent, dfinal):
+    blk, per_chunk, one = _state_pass_specs(config)
+    pn = config.p * config.n
+    nblk = pn // config.bpn
+    return _call(config, _state_pass_bwd_kernel, "ssd_state_pass_bwd", (config.b, config.h, nblk),
                  [blk, per_chunk, blk, one],
-                 (blk, one, pl.BlockSpec((None, None, None, cfg.nc), lambda bi, hh, k: (bi, hh, k, 0))),
-                 (jax.ShapeDtypeStruct((cfg.b, cfg.nc, cfg.h, pn), f32), jax.ShapeDtypeStruct((cfg.b, cfg.h, pn), f32),
-                  jax.ShapeDtypeStruct((cfg.b, cfg.h, nblk, cfg.nc), f32)),
-                 )(ds.reshape(cfg.b, cfg.nc, cfg.h, pn), g, ent, dfinal.reshape(cfg.b, cfg.h, pn))
+                 (blk, one, pl.BlockSpec((None, None, None, config.nc), lambda bi, hh, k: (bi, hh, k, 0))),
+                 (jax.ShapeDtypeStruct((config.b, config.nc, config.h, pn), f32), jax.ShapeDtypeStruct((config.b, config.h, pn), f32),
+                  jax.ShapeDtypeStruct((config.b, config.h, nblk, config.nc), f32)),
+                 )(ds.reshape(config.b, config.nc, config.h, pn), g, ent, dfinal.reshape(config.b, config.h, pn))
 
 
-def _launch_chunk_scan(cfg, cb, x, dt, cs, seg, w_in, C, ent, D):
-    s = _specs(cfg)
-    return _call(cfg, _chunk_scan_kernel, "ssd_chunk_scan", (cfg.b * cfg.nc, cfg.h, cfg.p // cfg.bp),
-                 [s["cb_of_head"], s["x"](cfg.bp), s["pos"], s["pos"], s["seg"], s["pos"], s["bc_of_head"],
-                  s["state"], s["d"]], s["x"](cfg.bp),
+def _launch_chunk_scan(config, cb, x, dt, cs, seg, w_in, C, ent, D):
+    s = _specs(config)
+    return _call(config, _chunk_scan_kernel, "ssd_chunk_scan", (config.b * config.nc, config.h, config.p // config.bp),
+                 [s["cb_of_head"], s["x"](config.bp), s["pos"], s["pos"], s["seg"], s["pos"], s["bc_of_head"],
+                  s["state"], s["d"]], s["x"](config.bp),
                  jax.ShapeDtypeStruct(x.shape, x.dtype))(cb, x, dt, cs, seg, w_in, C, ent, D)
 
 
-def _launch_dcb(cfg, cb, dy, x, dt, cs, seg):
-    s = _specs(cfg)
-    return _call(cfg, _dcb_kernel, "ssd_dcb", (cfg.b * cfg.nc, cfg.g),
+def _launch_dcb(config, cb, dy, x, dt, cs, seg):
+    s = _specs(config)
+    return _call(config, _dcb_kernel, "ssd_dcb", (config.b * config.nc, config.g),
                  [s["grp_cb"], s["grp_x"], s["grp_x"], s["grp_pos"], s["grp_pos"], s["grp_seg"]],
                  (s["grp_cb"], s["grp_pos"]),
                  (jax.ShapeDtypeStruct(cb.shape, f32), jax.ShapeDtypeStruct(dt.shape, f32)))(cb, dy, x, dt, cs, seg)
 
 
-def _launch_dbc(cfg, dcb, B, C, dy, x, ent, dso, w_in, w_out):
-    s = _specs(cfg)
-    nc, q, r, bn = cfg.nc, cfg.q, cfg.r, cfg.bn
-    nnb = cfg.n // bn
+def _launch_dbc(config, dcb, B, C, dy, x, ent, dso, w_in, w_out):
+    s = _specs(config)
+    nc, q, r, bn = config.nc, config.q, config.r, config.bn
+    nnb = config.n // bn
     bcn = pl.BlockSpec((None, q, None, bn), lambda i, gg, nb: (i // nc, i % nc, gg, nb))
-    grp_state = pl.BlockSpec((None, None, r, cfg.p, bn), lambda i, gg, nb: (i // nc, i % nc, gg, 0, nb))
+    grp_state = pl.BlockSpec((None, None, r, config.p, bn), lambda i, gg, nb: (i // nc, i % nc, gg, 0, nb))
     grp_part = pl.BlockSpec((None, r, None, q), lambda i, gg, nb: (i // nc, gg, nb, i % nc))
-    state5 = (cfg.b, nc, cfg.h, cfg.p, cfg.n)
-    part = jax.ShapeDtypeStruct((cfg.b, cfg.h, nnb, cfg.length), f32)
-    return _call(cfg, _dbc_kernel, "ssd_dbc", (cfg.b * nc, cfg.g, nnb),
+    state5 = (config.b, nc, config.h, config.p, config.n)
+    part = jax.ShapeDtypeStruct((config.b, config.h, nnb, config.length), f32)
+    return _call(config, _dbc_kernel, "ssd_dbc", (config.b * nc, config.g, nnb),
                  [s["grp_cb"], bcn, bcn, s["grp_x"], s["grp_x"], grp_state, grp_state, s["grp_pos"], s["grp_pos"]],
                  (bcn, bcn, grp_part, grp_part),
                  (jax.ShapeDtypeStruct(B.shape, f32), jax.ShapeDtypeStruct(B.shape, f32), part, part),
                  )(dcb, B, C, dy, x, ent.reshape(state5), dso.reshape(state5), w_in, w_out)
 
 
-def _launch_dx(cfg, cb, dy, x, dt, cs, seg, dout, B, dso, D):
-    s = _specs(cfg)
-    npb = cfg.p // cfg.bp
-    part = jax.ShapeDtypeStruct((cfg.b, cfg.h, npb, cfg.length), f32)
-    return _call(cfg, _dx_kernel, "ssd_dx", (cfg.b * cfg.nc, cfg.h, npb),
-                 [s["cb_of_head"], s["x"](cfg.bp), s["x"](cfg.bp), s["pos"], s["pos"], s["seg"], s["pos"],
+def _launch_dx(config, cb, dy, x, dt, cs, seg, dout, B, dso, D):
+    s = _specs(config)
+    npb = config.p // config.bp
+    part = jax.ShapeDtypeStruct((config.b, config.h, npb, config.length), f32)
+    return _call(config, _dx_kernel, "ssd_dx", (config.b * config.nc, config.h, npb),
+                 [s["cb_of_head"], s["x"](config.bp), s["x"](config.bp), s["pos"], s["pos"], s["seg"], s["pos"],
                   s["bc_of_head"], s["state"], s["d"]],
-                 (s["x"](cfg.bp), s["part"], s["part"]),
+                 (s["x"](config.bp), s["part"], s["part"]),
                  (jax.ShapeDtypeStruct(x.shape, x.dtype), part, part),
-                 )(cb, dy, x, dt, cs, seg, dout, B, dso.reshape(cfg.b, cfg.nc, cfg.h, cfg.p, cfg.n), D)
+                 )(cb, dy, x, dt, cs, seg, dout, B, dso.reshape(config.b, config.nc, config.h, config.p, config.n), D)
 
 
 # ---- the differentiable core --------------------------------------------------------------------
 
-def _weights(cfg, dt, a, seg):
+def _weights(config, dt, a, seg):
     """fp32 cumsums and the per-position / per-chunk decays (XLA; [b, h, L] and [b, h, nc])."""
-    b, h, nc, q = cfg.b, cfg.h, cfg.nc, cfg.q
+    b, h, nc, q = config.b, config.h, config.nc, config.q
     cs = jnp.cumsum(a.reshape(b, h, nc, q), axis=-1)
     seg_c = seg.reshape(b, 1, nc, q)
     seg_end = seg_c[..., -1]  # [b, 1, nc]
@@ -371,37 +371,37 @@ def _weights(cfg, dt, a, seg):
     return flat(cs), flat(w_in), flat(dout), flat(dout) * dt, gate
 
 
-def _states(cfg, x, dt, a, B, C, s0, seg):
-    cs, w_in, dout, w_out, gate = _weights(cfg, dt, a, seg)
-    cb = _launch_cb(cfg, C, B)
-    ent, final = _launch_state_pass(cfg, _launch_chunk_state(cfg, x, w_out, B), gate, s0)
+def _states(config, x, dt, a, B, C, s0, seg):
+    cs, w_in, dout, w_out, gate = _weights(config, dt, a, seg)
+    cb = _launch_cb(config, C, B)
+    ent, final = _launch_state_pass(config, _launch_chunk_state(config, x, w_out, B), gate, s0)
     return (cs, w_in, dout, w_out, gate), cb, ent, final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, x, dt, a, B, C, D, s0, seg):
-    (cs, w_in, *_), cb, ent, final = _states(cfg, x, dt, a, B, C, s0, seg)
-    y = _launch_chunk_scan(cfg, cb, x, dt, cs, seg, w_in, C,
-                           ent.reshape(cfg.b, cfg.nc, cfg.h, cfg.p, cfg.n), D)
+def _core(config, x, dt, a, B, C, D, s0, seg):
+    (cs, w_in, *_), cb, ent, final = _states(config, x, dt, a, B, C, s0, seg)
+    y = _launch_chunk_scan(config, cb, x, dt, cs, seg, w_in, C,
+                           ent.reshape(config.b, config.nc, config.h, config.p, config.n), D)
     return y, final.reshape(s0.shape)
 
 
-def _core_fwd(cfg, x, dt, a, B, C, D, s0, seg):
-    return _core(cfg, x, dt, a, B, C, D, s0, seg), (x, dt, a, B, C, D, s0, seg)
+def _core_fwd(config, x, dt, a, B, C, D, s0, seg):
+    return _core(config, x, dt, a, B, C, D, s0, seg), (x, dt, a, B, C, D, s0, seg)
 
 
-def _core_bwd(cfg, res, cts):
+def _core_bwd(config, res, cts):
     x, dt, a, B, C, D, s0, seg = res
     dy, dfinal = cts
     dy = dy.astype(x.dtype)
-    b, h, nc, q = cfg.b, cfg.h, cfg.nc, cfg.q
-    (cs, w_in, dout, w_out, gate), cb, ent, _ = _states(cfg, x, dt, a, B, C, s0, seg)
+    b, h, nc, q = config.b, config.h, config.nc, config.q
+    (cs, w_in, dout, w_out, gate), cb, ent, _ = _states(config, x, dt, a, B, C, s0, seg)
 
-    ds = _launch_chunk_state(cfg, dy, w_in, C)
-    dso, ds0, dgate = _launch_state_pass_bwd(cfg, ds, gate, ent, dfinal)
-    dcb, da = _launch_dcb(cfg, cb, dy, x, dt, cs, seg)
-    dC, dB, f, e = _launch_dbc(cfg, dcb, B, C, dy, x, ent, dso, w_in, w_out)
-    dx, ddt, dd = _launch_dx(cfg, cb, dy, x, dt, cs, seg, dout, B, dso, D)
+    ds = _launch_chunk_state(config, dy, w_in, C)
+    dso, ds0, dgate = _launch_state_pass_bwd(config, ds, gate, ent, dfinal)
+    dcb, da = _launch_dcb(config, cb, dy, x, dt, cs, seg)
+    dC, dB, f, e = _launch_dbc(config, dcb, B, C, dy, x, ent, dso, w_in, w_out)
+    dx, ddt, dd = _launch_dx(config, cb, dy, x, dt, cs, seg, dout, B, dso, D)
 
     # d cs -> d a within each chunk: cs_i holds a_k for k <= i, so w_in's term (d cs_i = f_i)
     # reaches every a_k, k <= i (reverse cumsum); w_out's term exp(cs_end - cs_j) holds the a_k,
@@ -440,13 +440,13 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=N
     launch = (config or SsdConfig()).resolved()
     # Triton's dot needs every tile dimension >= 16: on a GPU, small heads / states are zero-padded to 16
     P, N = (max(_next_pow2(v), 1 if launch.interpret else 16) for v in (p, n))
-    cfg = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(launch.block_p, P),
+    config = _Cfg(b=b, nc=-(-l // chunk_size), q=chunk_size, h=h, g=g, p=P, n=N, bp=min(launch.block_p, P),
                bn=min(launch.block_n, N), bpn=min(launch.block_pn, P * N), launch=launch)
-    if not launch.interpret and min(cfg.q, cfg.bp, cfg.bn, N) < 16:
+    if not launch.interpret and min(config.q, config.bp, config.bn, N) < 16:
         raise ValueError(f"ssd(implementation='pallas') on a GPU: chunk_size, the p- and n-tiles and the "
                          f"(padded) state size n must be >= 16 (Triton's dot); got {chunk_size}, "
-                         f"{cfg.bp}, {cfg.bn}, {N}")
-    pad_l = cfg.length - l
+                         f"{config.bp}, {config.bn}, {N}")
+    pad_l = config.length - l
     cdt = jnp.result_type(x.dtype, B.dtype, C.dtype)
 
     def pad(t, *widths):
@@ -461,7 +461,7 @@ def ssd_pallas(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=N
     Dk = jnp.zeros((h,), f32) if D is None else D.astype(f32)
     s0 = (jnp.zeros((b, h, P, N), f32) if initial_state is None
           else jnp.pad(initial_state.astype(f32), [(0, 0), (0, 0), (0, P - p), (0, N - n)]))
-    y, final = _core(cfg, xk, dtk, ak, Bk, Ck, Dk, s0, seg)
+    y, final = _core(config, xk, dtk, ak, Bk, Ck, Dk, s0, seg)
     return y[:, :l, :, :p].astype(x.dtype), final[:, :, :p, :n]
 
 
