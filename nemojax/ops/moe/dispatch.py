@@ -16,7 +16,8 @@ every expert on its rows, and combines y_t = sum_k w_tk y[row_tk] in fp32:
              tokens routed (plus at most m - 1 padding rows per expert) however unbalanced the
              router is. Forward
              and backward are written out (`jax.custom_vjp`): the backward reads each expert's
-             weights once and keeps no per-tile copies of them.
+             weights once and keeps no per-tile copies of them. Reverse mode only: forward-mode
+             autodiff (jax.jvp, jax.linearize) needs one of the other implementations.
 
 Each takes (x [T, D], weights [T, K], indices [T, K], w_up [E, D, F], w_down [E, F, D]) and
 keyword `kept` (bool [T, K], None: every assignment) and `cap` (the capacity: rows an expert may
