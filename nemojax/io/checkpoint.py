@@ -1,4 +1,4 @@
-"""Training checkpoints with orbax: the whole train state (params, optimizer, router biases, step) as one
+"""Training checkpoints with orbax: the whole train state (params, optimizer, correction biases, step) as one
 PyTree, plus a JSON record (step, run summary, a checksum per array) per step.
 
 Orbax checks the checksums of its shard indices but not of the array data, so a data file overwritten

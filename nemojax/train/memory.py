@@ -1,7 +1,7 @@
 """How much memory a training run needs, estimated from shapes before anything is allocated, against
 how much the machine has.
 
-The estimate is a lower bound: the train state (fp32 master weights, AdamW moments, router biases;
+The estimate is a lower bound: the train state (fp32 master weights, AdamW moments, correction biases;
 exact, from `jax.eval_shape`), one fp32 gradient per parameter, the bf16 compute copy when there is
 one, and the activations that every layer certainly keeps for the backward pass (its input, [B, L, D]
 in the compute dtype, plus the fp32 logits and their gradient, [B, L, V] each). What a mixer keeps
@@ -37,7 +37,7 @@ def estimate(tc: TrainConfig, model_config: ModelConfig, state_like, mesh=None) 
     compute_bytes = np.dtype(tc.compute_dtype).itemsize
     tokens = tc.batch_size * tc.seq_len
     parts = {
-        "train state (weights, optimizer, router biases)": _nbytes(state_like) / state_split,
+        "train state (weights, optimizer, correction biases)": _nbytes(state_like) / state_split,
         "gradients": params / state_split,
         "compute copy of the weights": params // 4 * compute_bytes / state_split if compute_bytes < 4 else 0,
         "layer inputs and logits": tokens * (len(model_config.layers) * model_config.hidden_size * compute_bytes

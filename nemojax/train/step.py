@@ -99,7 +99,7 @@ def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None, loss_fn=
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        # Aux-loss-free balancing: the router biases move by sign(mean load - load), outside the optimizer.
+        # Aux-loss-free balancing: the correction biases move by sign(mean load - load), outside the optimizer.
         model = nnx.merge(graphdef, params, state["rest"])
         update_correction_biases(model, stats, tc.correction_bias_rate)
         rest = nnx.split(model, nnx.Param, ...)[2]

@@ -56,7 +56,7 @@ def masked_ce(graphdef, params, rest, batch):
 def make_problem(preset: str):
     model = nj.HybridLM(nj.presets.get(preset), rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    # Non-zero router biases, so that a mis-sharded `rest` would change the routing.
+    # Non-zero correction biases, so that a mis-sharded `rest` would change the routing.
     rest = jax.tree.map(lambda b: b + 0.05 * jax.random.normal(jax.random.key(3), b.shape, b.dtype), rest)
     tokens = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
     mask = (jax.random.uniform(jax.random.key(2), (8, 16)) > 0.25).astype(jnp.float32)

@@ -63,9 +63,9 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
     _, m2, r2 = loop.load_run(resumed.out_dir)
     assert r1["step"] == r2["step"] == 6
     for a, b in zip(_leaves(nnx.state(m1)), _leaves(nnx.state(m2)), strict=True):
-        np.testing.assert_array_equal(a, b)  # bit for bit, router biases included
+        np.testing.assert_array_equal(a, b)  # bit for bit, correction biases included
     bias = nnx.state(m1, nj.nn.layers.CorrectionBias)
-    assert any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(bias)), "router biases never moved"
+    assert any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(bias)), "correction biases never moved"
     # metrics are not duplicated by the resume and every step is logged once
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 4, 5, 6]  # step 0: the untrained model's eval
