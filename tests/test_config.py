@@ -80,6 +80,8 @@ def test_mtp_pattern_from_hf():
     ({"num_experts_per_tok": 5}, "top_k=5 exceeds"),
     ({"attention_bias": True}, "attention_bias"),
     ({"model_type": "llama"}, "model_type"),
+    ({"num_hidden_layers": 5}, "num_hidden_layers=5 disagrees with the 6 layers"),
+    ({"use_bias": False, "mamba_proj_bias": True}, "use_bias=False and its legacy alias mamba_proj_bias=True"),
 ])
 def test_bad_hf_config_names_the_field(change, needle):
     with pytest.raises(ValueError) as err:
@@ -106,3 +108,25 @@ def test_cli_info(capsys):
     assert main(["info", "nemotron-3-super-120b-a12b"]) == 0
     out = capsys.readouterr().out
     assert "MEMEMEM*E" in out and "120.67B" in out and "mtp" in out
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "mamba_num_heads", "num_key_value_heads",
+                                   "moe_intermediate_size", "intermediate_size"])
+def test_missing_size_is_named_not_defaulted(field):
+    """A size that sets the model's shapes has no default: a config without it is named as incomplete
+    (it used to take Nemotron-H-8B's value and fail later on a tensor shape)."""
+    hf = dict(HF_NANO_LIKE)
+    del hf[field]
+    with pytest.raises(ValueError, match=rf"config is missing \['{field}'\]"):
+        ModelConfig.from_hf(hf)
+
+
+def test_hf_fields_with_math_are_kept():
+    hf = dict(HF_NANO_LIKE, mamba_proj_bias=True, residual_in_fp32=True, initializer_range=0.01,
+              num_hidden_layers=6)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.layers[0].proj_bias  # the legacy name of use_bias
+    assert cfg.residual_in_fp32 and cfg.init_std == 0.01
+    back = cfg.to_hf()
+    assert (back["use_bias"], back["residual_in_fp32"], back["initializer_range"]) == (True, True, 0.01)
+    assert ModelConfig.from_hf(back) == cfg

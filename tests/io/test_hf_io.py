@@ -100,3 +100,35 @@ def test_checkpoint_entries_cover_every_parameter():
         entry_paths = [e.path for e in checkpoint_entries(cfg)]
         assert len(entry_paths) == len(set(entry_paths))
         assert set(entry_paths) == paths, name
+
+
+def hf_only(tmp_path, name="tiny-latent-mtp"):
+    """A saved model whose config is HF's config.json alone (as a downloaded checkpoint)."""
+    model = saved(tmp_path, name)
+    (tmp_path / "nemojax_config.json").unlink()
+    return model
+
+
+def test_config_that_is_not_json_names_the_file(tmp_path):
+    hf_only(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "nemotron_h", ')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        nj.load_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    hf_only(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors"):
+        nj.load_pretrained(tmp_path)
+
+
+def test_integer_tensor_is_refused_and_non_finite_is_named(tmp_path):
+    hf_only(tmp_path)
+    rewrite(tmp_path, lambda t: t.update({"model.layers.0.mixer.D": jnp.ones(4, jnp.int32)}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mixer.D' has dtype int32; expected a floating"):
+        nj.load_pretrained(tmp_path)
+    rewrite(tmp_path, lambda t: t.update({"model.layers.0.mixer.D": jnp.array([1.0, jnp.nan, 1.0, 1.0])}))
+    with pytest.warns(UserWarning, match=r"'model.layers.0.mixer.D' holds non-finite values"):
+        nj.load_pretrained(tmp_path)

@@ -217,3 +217,19 @@ def test_kernels_switched_on_everywhere_match_the_xla_model():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     with pytest.raises(ValueError, match="ssd must be None or one of"):
         nj.configure_kernels(model, ssd="triton")
+
+
+def test_residual_in_fp32_keeps_the_stream_wide_and_the_mixers_in_the_model_dtype():
+    cfg = nj.presets.get("tiny-hybrid")
+    t = jax.random.randint(jax.random.key(4), (2, 24), 0, cfg.vocab_size)
+    wide = cfg.replace(residual_in_fp32=True)
+    ref = nj.HybridLM(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(nj.HybridLM(wide, rngs=nnx.Rngs(0))(t), ref(t))  # fp32: nothing changes
+    models = {name: nj.HybridLM(c, rngs=nnx.Rngs(0), dtype=jnp.bfloat16) for name, c in (("wide", wide), ("narrow", cfg))}
+    nnx.update(ref, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(models["narrow"])))  # same weights
+    states = {name: m.layer_states(t) for name, m in models.items()}
+    assert {s.dtype for s in states["wide"]} == {jnp.dtype(jnp.float32)}
+    assert {s.dtype for s in states["narrow"]} == {jnp.dtype(jnp.bfloat16)}
+    # mixer outputs added to a bf16 stream are rounded; the fp32 stream keeps them (ignoring the flag ties)
+    exact = ref.layer_states(t)[-1]
+    assert rel_err(states["wide"][-1], exact) < rel_err(states["narrow"][-1], exact)
