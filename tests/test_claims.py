@@ -183,6 +183,18 @@ def preset_table(_):
     return rows
 
 
+@prose("README.md", "experiments/results/main_job.json")
+def main_job_prose(d):
+    ev0, ev1 = d["initial_eval"], d["final_eval"]
+    return [f"Measured by `experiments/main_job.py` ({d['cpus']} CPUs, {d['date']}, jax {d['jax']}): "
+            f"{d['train_seconds']:.0f} s of training",
+            f"held-out loss from {ev0['ce']:.2f} nats/byte untrained (perplexity {ev0['perplexity']:.0f}, about uniform "
+            f"over 256 bytes) to {ev1['ce']:.2f} (perplexity {ev1['perplexity']:.1f}), next-byte accuracy from "
+            f"{ev0['accuracy']:.3f} to {ev1['accuracy']:.3f}, on {d['eval_tokens']} held-out bytes",
+            f"{d['parameters'] / 1e6:.2f}M parameters, {d['steps']} steps",
+            f"Python's pydoc topics, {round(d['corpus_bytes'] / 1000)} KB"]
+
+
 @prose("README.md", "nemojax/presets.py")
 def preset_prose(_):
     cfg = nj.presets.get("nemotron-3-nano-30b-a3b")

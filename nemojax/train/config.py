@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemojax.ops.moe import IMPLEMENTATIONS as MOE_IMPLEMENTATIONS
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -34,7 +36,7 @@ class TrainConfig:
     compute_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (fp32 master weights)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the data order"})
     # MoE and MTP
-    moe_implementation: str | None = field(default=None, metadata={"help": "dense, ragged or batched",
+    moe_implementation: str | None = field(default=None, metadata={"help": "MoE dispatch: " + ", ".join(MOE_IMPLEMENTATIONS),
                                                                    "default": "the fastest for the backend"})
     capacity_factor: float | None = field(default=None, metadata={"help": "expert capacity factor",
                                                                   "default": "dropless"})
@@ -64,6 +66,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.resume_step is not None and self.resume_step < 0:
             raise ValueError(f"resume_step must be >= 0 or None (the newest intact checkpoint); got {self.resume_step}")
+        if self.moe_implementation is not None and self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(f"moe_implementation must be None or one of {MOE_IMPLEMENTATIONS}; "
+                             f"got {self.moe_implementation!r}")
         for name in ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")

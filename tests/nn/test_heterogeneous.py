@@ -205,7 +205,7 @@ def test_replace_layers_keeps_config_and_layers_in_agreement(model):
 # ------------------------------------------------------------------------------------------ training
 def _tc(tmp_path, name, **kw):
     return TrainConfig(**{**dict(data="text", seq_len=16, batch_size=2, steps=4, warmup_steps=1, save_every=2,
-                                 eval_every=2, eval_batches=1, log_every=1, sample_tokens=4,
+                                 eval_every=2, eval_batches=1, log_every=1, sample_tokens=0,
                                  out_dir=str(tmp_path / name)), **kw})
 
 

@@ -134,3 +134,8 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--compute-dtype", "float16", "--out-dir", str(tmp_path / "bad")])
     assert "compute_dtype" in capsys.readouterr().err
+
+
+def test_moe_implementation_is_checked_when_the_config_is_made():
+    with pytest.raises(ValueError, match=r"moe_implementation must be None or one of \('dense'"):
+        TrainConfig(moe_implementation="megablox")
