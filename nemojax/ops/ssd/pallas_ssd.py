@@ -63,13 +63,6 @@ axis) above 2^31 can overflow: the arrays here keep their natural multi-dimensio
 b*nc grid axis is split back by the index maps, states are [b, nc, h, p*n]), which keeps every
 per-dimension index below l, h, p*n or b*nc. The tests export the kernels at l = 2^22,
 h = 128, p = 64, n = 128 and check that all bf16 pointers get int64 offsets.
-
-Still to check on a GPU (H100): that the IR compiles (Triton's dot needs every dot dimension
->= 16, checked here when not interpreting, and the Q x Q fp32 tiles of the CB/dCB kernels at
-Q = 128 may spill registers: block the Q x Q kernels over rows, or lower num_warps/Q), the
-block sizes / num_warps / num_stages, speed against the "xla" path
-(experiments/benchmarks/kernels.py), fp32 dots lowering to IEEE (not TF32), and the 0.11
-deprecation path.
 """
 
 from __future__ import annotations
