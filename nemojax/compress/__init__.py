@@ -1,0 +1,1 @@
+"""Compression of hybrid models: Puzzle (block library, local distillation, scoring, search)."""
