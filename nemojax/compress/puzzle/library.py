@@ -1,0 +1,106 @@
+"""Block-library candidates initialised from a parent layer: an MLP narrowed to a subset of its
+channels, attention with mean-pooled K/V heads, and an MoE layer that keeps a subset of its experts.
+
+Each function takes the parent layer's mixer and returns (spec, mixer) for
+`HybridLM.replace_layers({i: (spec, mixer)})`, which keeps the parent layer's pre-norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nemojax.config import AttentionSpec, MLPSpec, MoESpec
+from nemojax.nn.attention import Attention
+from nemojax.nn.ffn import MLP, MoE
+
+
+def _indices(keep, n: int, what: str) -> np.ndarray:
+    idx = np.asarray(keep)
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{what}: keep must be a non-empty 1-D int array of indices; got {keep!r}")
+    if (idx < 0).any() or (idx >= n).any() or np.unique(idx).size != idx.size:
+        raise ValueError(f"{what}: keep must hold distinct indices in [0, {n}); got {idx.tolist()}")
+    return np.sort(idx)
+
+
+def _copy_from(module, values: dict) -> None:
+    for name, value in values.items():
+        target = module
+        *path, leaf = name.split(".")
+        for p in path:
+            target = getattr(target, p)
+        getattr(target, leaf)[...] = value
+
+
+def mlp_channel_contribution(mlp: MLP, x) -> np.ndarray:
+    """Per intermediate channel: mean |relu(x W_up + b)^2| over the tokens of `x` [..., D] times the
+    norm of the channel's row of W_down (its contribution to the output, ranked to prune)."""
+    h = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ mlp.up_proj.kernel[...].astype(jnp.float32)
+    if mlp.up_proj.bias is not None:
+        h = h + mlp.up_proj.bias[...].astype(jnp.float32)
+    act = jnp.mean(jnp.abs(jnp.square(jnp.maximum(h, 0.0))), axis=0)
+    return np.asarray(act * jnp.linalg.norm(mlp.down_proj.kernel[...].astype(jnp.float32), axis=1))
+
+
+def prune_mlp(mlp: MLP, keep) -> tuple[MLPSpec, MLP]:
+    """The MLP restricted to intermediate channels `keep` (all of them: the same function)."""
+    width = mlp.up_proj.kernel.shape[1]
+    idx = _indices(keep, width, "prune_mlp")
+    bias = mlp.up_proj.bias is not None
+    spec = MLPSpec(intermediate_size=int(idx.size), bias=bias)
+    dtype = mlp.up_proj.kernel[...].dtype
+    child = MLP(mlp.up_proj.kernel.shape[0], idx.size, bias=bias, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child.implementation = mlp.implementation
+    values = {"up_proj.kernel": mlp.up_proj.kernel[...][:, idx], "down_proj.kernel": mlp.down_proj.kernel[...][idx]}
+    if bias:
+        values.update({"up_proj.bias": mlp.up_proj.bias[...][idx], "down_proj.bias": mlp.down_proj.bias[...]})
+    _copy_from(child, values)
+    return spec, child
+
+
+def pool_kv_heads(attention: Attention, num_kv_heads: int) -> tuple[AttentionSpec, Attention]:
+    """Attention with `num_kv_heads` K/V heads, each the mean of the parent's K and V projections over
+    the group of parent heads it replaces (query head i still reads the group that held its old head)."""
+    s = attention.spec
+    if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or s.num_kv_heads % num_kv_heads:
+        raise ValueError(f"pool_kv_heads: num_kv_heads must be a positive divisor of the parent's "
+                         f"{s.num_kv_heads}; got {num_kv_heads!r}")
+    spec = dataclasses.replace(s, num_kv_heads=num_kv_heads)
+    dtype = attention.q_proj.kernel[...].dtype
+    hidden = attention.q_proj.kernel.shape[0]
+    child = Attention(spec, hidden, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child.implementation = attention.implementation
+
+    def pooled(kernel):  # [D, Hkv * Dh] -> [D, num_kv_heads * Dh], groups of consecutive heads averaged
+        k = kernel.astype(jnp.float32).reshape(hidden, num_kv_heads, s.num_kv_heads // num_kv_heads, s.head_dim)
+        return jnp.mean(k, axis=2).reshape(hidden, num_kv_heads * s.head_dim).astype(kernel.dtype)
+
+    _copy_from(child, {"q_proj.kernel": attention.q_proj.kernel[...], "o_proj.kernel": attention.o_proj.kernel[...],
+                       "k_proj.kernel": pooled(attention.k_proj.kernel[...]),
+                       "v_proj.kernel": pooled(attention.v_proj.kernel[...])})
+    return spec, child
+
+
+def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
+    """The MoE layer with only the routed experts `keep` (router columns, correction biases and expert
+    weights selected; shared expert and latent projections unchanged): it routes as the parent does
+    with the other experts excluded from selection. top_k is capped at the experts kept."""
+    s = moe.spec
+    if s.n_group != 1:
+        raise ValueError(f"keep_experts: group-limited routing (n_group={s.n_group}) is not supported; removing "
+                         "experts would change the group scores")
+    idx = _indices(keep, s.num_experts, "keep_experts")
+    spec = dataclasses.replace(s, num_experts=int(idx.size), top_k=min(s.top_k, int(idx.size)))
+    hidden = moe.gate_weight.shape[0]
+    child = MoE(spec, hidden, std=1.0, out_std=1.0, dtype=moe.gate_weight[...].dtype, rngs=nnx.Rngs(0))
+    for name in ("implementation", "capacity_factor", "expert_mesh", "collect_stats"):
+        setattr(child, name, getattr(moe, name))
+    _copy_from(child, {"gate_weight": moe.gate_weight[...][:, idx], "correction_bias": moe.correction_bias[...][idx],
+                       "up_proj": moe.up_proj[...][idx], "down_proj": moe.down_proj[...][idx]})
+    for name in ("shared_experts", "fc1_latent_proj", "fc2_latent_proj"):
+        setattr(child, name, None if getattr(moe, name) is None else nnx.clone(getattr(moe, name)))
+    return spec, child

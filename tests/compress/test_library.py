@@ -1,0 +1,114 @@
+"""Block-library candidates built from parent layers: kept whole they are the parent layer exactly;
+narrowed, pooled or pruned they equal an independent NumPy computation (or the parent with the
+removed experts excluded from selection)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nemojax as nj
+from nemojax.config import MLPSpec, MoESpec
+from nemojax.compress.puzzle import library
+from nemojax.nn.ffn import MoE
+
+jit_call = nnx.jit(lambda m, x: m(x)[0])
+
+
+def scaled(model, seed=1):
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in
+                                                   zip(leaves, keys)]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def parent():
+    cfg = nj.presets.get("tiny-hybrid").replace_layers({1: MLPSpec(96, bias=True)})  # M-M*-, one biased MLP
+    return scaled(nj.HybridLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def x_of(d=64, seed=5):
+    return jax.random.normal(jax.random.key(seed), (2, 9, d))
+
+
+def test_mlp_narrowed_to_channels_equals_numpy(parent):
+    mlp, x = parent.layers[1].mixer, x_of()
+    spec, same = library.prune_mlp(mlp, np.arange(96))
+    np.testing.assert_array_equal(jit_call(same, x), jit_call(mlp, x))
+    keep = np.array([90, 3, 17, 40, 41, 0])
+    spec, child = library.prune_mlp(mlp, keep)
+    assert spec == MLPSpec(6, bias=True)
+    w_up, b_up = np.asarray(mlp.up_proj.kernel[...]), np.asarray(mlp.up_proj.bias[...])
+    w_down, b_down = np.asarray(mlp.down_proj.kernel[...]), np.asarray(mlp.down_proj.bias[...])
+    k = np.sort(keep)
+    ref = np.maximum(np.asarray(x) @ w_up[:, k] + b_up[k], 0) ** 2 @ w_down[k] + b_down
+    np.testing.assert_allclose(jit_call(child, x), ref, rtol=1e-5, atol=1e-5)
+    h = np.maximum(np.asarray(x).reshape(-1, 64) @ w_up + b_up, 0) ** 2
+    np.testing.assert_allclose(library.mlp_channel_contribution(mlp, x),
+                               np.abs(h).mean(0) * np.linalg.norm(w_down, axis=1), rtol=1e-5)
+
+
+def numpy_attention(x, wq, wk, wv, wo, hq, hkv, dh):
+    b, l, _ = x.shape
+    q, k, v = (np.asarray(x) @ w for w in (wq, wk, wv))
+    q, k, v = q.reshape(b, l, hq, dh), k.reshape(b, l, hkv, dh), v.reshape(b, l, hkv, dh)
+    out = np.zeros((b, l, hq, dh))
+    for h in range(hq):
+        g = h // (hq // hkv)
+        s = np.einsum("bid,bjd->bij", q[:, :, h], k[:, :, g]) / np.sqrt(dh)
+        s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, :, h] = (p / p.sum(-1, keepdims=True)) @ v[:, :, g]
+    return out.reshape(b, l, hq * dh) @ wo
+
+
+def test_kv_heads_pooled_equal_numpy_with_averaged_projections(parent):
+    attn, x = parent.layers[3].mixer, x_of()
+    spec, same = library.pool_kv_heads(attn, attn.spec.num_kv_heads)
+    np.testing.assert_array_equal(jit_call(same, x), jit_call(attn, x))
+    spec, child = library.pool_kv_heads(attn, 1)
+    assert spec.num_kv_heads == 1 and spec.num_heads == attn.spec.num_heads
+    s = attn.spec
+    wk = np.asarray(attn.k_proj.kernel[...]).reshape(64, s.num_kv_heads, s.head_dim).mean(1)
+    wv = np.asarray(attn.v_proj.kernel[...]).reshape(64, s.num_kv_heads, s.head_dim).mean(1)
+    ref = numpy_attention(x, np.asarray(attn.q_proj.kernel[...]), wk, wv, np.asarray(attn.o_proj.kernel[...]),
+                          s.num_heads, 1, s.head_dim)
+    np.testing.assert_allclose(jit_call(child, x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="positive divisor of the parent's 2"):
+        library.pool_kv_heads(attn, 3)
+
+
+def test_kept_experts_route_as_the_parent_with_the_others_excluded():
+    spec = MoESpec(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=24, latent_size=32,
+                   routed_scaling_factor=2.0)
+    moe = scaled(MoE(spec, 64, std=0.02, out_std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(3)))
+    x = x_of()
+    _, same = library.keep_experts(moe, np.arange(8))
+    np.testing.assert_array_equal(jit_call(same, x), jit_call(moe, x))
+    keep = np.array([6, 1, 3, 4])
+    child_spec, child = library.keep_experts(moe, keep)
+    assert (child_spec.num_experts, child_spec.top_k) == (4, 2)
+    excluded = nnx.clone(moe)  # the parent, removed experts never selected
+    bias = np.asarray(moe.correction_bias[...]).copy()
+    bias[np.setdiff1d(np.arange(8), keep)] = -1e9
+    excluded.correction_bias[...] = jnp.asarray(bias)
+    np.testing.assert_allclose(jit_call(child, x), jit_call(excluded, x), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(jit_call(child, x) - jit_call(moe, x)))) > 1e-3  # the pruning mattered
+    with pytest.raises(ValueError, match=r"distinct indices in \[0, 8\)"):
+        library.keep_experts(moe, [1, 1])
+
+
+def test_a_child_of_whole_candidates_gives_the_parent_logits_exactly(parent):
+    t = jax.random.randint(jax.random.key(2), (2, 12), 0, 256)
+    child = parent.replace_layers({1: library.prune_mlp(parent.layers[1].mixer, np.arange(96)),
+                                   3: library.pool_kv_heads(parent.layers[3].mixer, 2)})
+    logits = nnx.jit(lambda m, t: m(t))
+    np.testing.assert_array_equal(logits(child, t), logits(parent, t))
+    narrow = parent.replace_layers({1: library.prune_mlp(parent.layers[1].mixer, np.arange(48)),
+                                    3: library.pool_kv_heads(parent.layers[3].mixer, 1)})
+    assert narrow.cfg.layers[1] == MLPSpec(48, bias=True) and narrow.cfg.layers[3].num_kv_heads == 1
+    assert nj.param_counts(narrow.cfg)["total"] < nj.param_counts(parent.cfg)["total"]
