@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
-from nemojax.config import MLPSpec, MoESpec
+from nemojax.config import LinearSpec, MLPSpec, MoESpec
 from nemojax.compress.puzzle import library
 from nemojax.nn.ffn import MoE
 
@@ -112,3 +112,19 @@ def test_a_child_of_whole_candidates_gives_the_parent_logits_exactly(parent):
                                     3: library.pool_kv_heads(parent.layers[3].mixer, 1)})
     assert narrow.cfg.layers[1] == MLPSpec(48, bias=True) and narrow.cfg.layers[3].num_kv_heads == 1
     assert nj.param_counts(narrow.cfg)["total"] < nj.param_counts(parent.cfg)["total"]
+
+
+def test_fit_linear_recovers_a_linear_layer_and_leaves_an_orthogonal_residual(parent):
+    x = jax.random.normal(jax.random.key(8), (4, 40, 64))  # 160 tokens for 65 unknowns per output
+    linear = parent.replace_layers({2: (LinearSpec(bias=True), None)}, rngs=nnx.Rngs(9)).layers[2]
+    spec, fitted = library.fit_linear(linear, x)
+    assert spec == LinearSpec(bias=True)
+    np.testing.assert_allclose(fitted.linear.kernel[...], linear.mixer.linear.kernel[...], atol=1e-4)
+    np.testing.assert_allclose(fitted.linear.bias[...], linear.mixer.linear.bias[...], atol=1e-4)
+    block = parent.layers[1]  # a biased MLP: the residual of the fit is orthogonal to the inputs and to 1
+    _, fit = library.fit_linear(block, x)
+    h = np.asarray(block.norm(x), np.float64).reshape(-1, 64)
+    targets = np.asarray(block(x)[0] - x, np.float64).reshape(-1, 64)
+    residual = np.asarray(jit_call(fit, block.norm(x)), np.float64).reshape(-1, 64) - targets
+    assert np.max(np.abs(h.T @ residual)) < 1e-4 * np.max(np.abs(h.T @ targets))
+    assert np.max(np.abs(residual.sum(0))) < 1e-4 * np.max(np.abs(targets.sum(0)))

@@ -1,5 +1,6 @@
 """Block-library candidates initialised from a parent layer: an MLP narrowed to a subset of its
-channels, attention with mean-pooled K/V heads, and an MoE layer that keeps a subset of its experts.
+channels, attention with mean-pooled K/V heads, an MoE layer that keeps a subset of its experts, and
+the least-squares linear replacement of any layer.
 
 Each function takes the parent layer's mixer and returns (spec, mixer) for
 `HybridLM.replace_layers({i: (spec, mixer)})`, which keeps the parent layer's pre-norm.
@@ -13,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.config import AttentionSpec, MLPSpec, MoESpec
+from nemojax.config import AttentionSpec, LinearSpec, MLPSpec, MoESpec
 from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
+from nemojax.nn.layers import LinearMixer
 
 
 def _indices(keep, n: int, what: str) -> np.ndarray:
@@ -104,3 +106,24 @@ def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
     for name in ("shared_experts", "fc1_latent_proj", "fc2_latent_proj"):
         setattr(child, name, None if getattr(moe, name) is None else nnx.clone(getattr(moe, name)))
     return spec, child
+
+
+def fit_linear(block, x, *, bias: bool = True) -> tuple[LinearSpec, LinearMixer]:
+    """The linear layer that best replaces `block` on its own inputs x [..., D]: W, b minimising
+    ||norm(x) W + b - (block(x) - x)||^2 over the tokens (least squares in float64). The returned
+    mixer goes under the parent layer's pre-norm, as `replace_layers` puts it."""
+    if block.norm is None:
+        raise ValueError("fit_linear: the block has no mixer to replace (a no-op layer)")
+    d = x.shape[-1]
+    inputs = np.asarray(block.norm(x), np.float64).reshape(-1, d)
+    targets = np.asarray(block(x)[0] - x, np.float64).reshape(-1, d)
+    if bias:
+        inputs = np.concatenate([inputs, np.ones((inputs.shape[0], 1))], axis=1)
+    solution = np.linalg.lstsq(inputs, targets, rcond=None)[0]
+    dtype = block.norm.weight[...].dtype
+    child = LinearMixer(LinearSpec(bias=bias), d, std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    values = {"linear.kernel": jnp.asarray(solution[:d], dtype)}
+    if bias:
+        values["linear.bias"] = jnp.asarray(solution[d], dtype)
+    _copy_from(child, values)
+    return LinearSpec(bias=bias), child
