@@ -52,7 +52,7 @@ def test_mlp_narrowed_to_channels_equals_numpy(parent):
                                np.abs(h).mean(0) * np.linalg.norm(w_down, axis=1), rtol=1e-5)
 
 
-def numpy_attention(x, wq, wk, wv, wo, hq, hkv, dh):
+def numpy_attention(x, wq, wk, wv, wo, hq, hkv, dh, window=None):
     b, l, _ = x.shape
     q, k, v = (np.asarray(x) @ w for w in (wq, wk, wv))
     q, k, v = q.reshape(b, l, hq, dh), k.reshape(b, l, hkv, dh), v.reshape(b, l, hkv, dh)
@@ -60,7 +60,8 @@ def numpy_attention(x, wq, wk, wv, wo, hq, hkv, dh):
     for h in range(hq):
         g = h // (hq // hkv)
         s = np.einsum("bid,bjd->bij", q[:, :, h], k[:, :, g]) / np.sqrt(dh)
-        s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
+        i, j = np.arange(l)[:, None], np.arange(l)[None]
+        s = np.where((j <= i) & ((i - j < window) if window else True), s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         out[:, :, h] = (p / p.sum(-1, keepdims=True)) @ v[:, :, g]
     return out.reshape(b, l, hq * dh) @ wo
@@ -128,3 +129,18 @@ def test_fit_linear_recovers_a_linear_layer_and_leaves_an_orthogonal_residual(pa
     residual = np.asarray(jit_call(fit, block.norm(x)), np.float64).reshape(-1, 64) - targets
     assert np.max(np.abs(h.T @ residual)) < 1e-4 * np.max(np.abs(h.T @ targets))
     assert np.max(np.abs(residual.sum(0))) < 1e-4 * np.max(np.abs(targets.sum(0)))
+
+
+def test_sliding_window_equals_numpy_with_a_band_mask(parent):
+    attn, x = parent.layers[3].mixer, x_of()  # 9 tokens
+    _, wide = library.sliding_window(attn, 9)
+    np.testing.assert_allclose(jit_call(wide, x), jit_call(attn, x), rtol=1e-6, atol=1e-7)
+    spec, child = library.sliding_window(attn, 3)
+    assert spec.sliding_window == 3 and child.spec == spec and attn.spec.sliding_window is None
+    s = attn.spec
+    w = [np.asarray(getattr(attn, n).kernel[...]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    ref = numpy_attention(x, *w, s.num_heads, s.num_kv_heads, s.head_dim, window=3)
+    np.testing.assert_allclose(jit_call(child, x), ref, rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(np.asarray(jit_call(child, x)) - np.asarray(jit_call(attn, x)))) > 1e-3
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        library.sliding_window(attn, 0)

@@ -1,6 +1,6 @@
 """Block-library candidates initialised from a parent layer: an MLP narrowed to a subset of its
-channels, attention with mean-pooled K/V heads, an MoE layer that keeps a subset of its experts, and
-the least-squares linear replacement of any layer.
+channels, attention with mean-pooled K/V heads or a sliding window, an MoE layer that keeps a subset
+of its experts, and the least-squares linear replacement of any layer.
 
 Each function takes the parent layer's mixer and returns (spec, mixer) for
 `HybridLM.replace_layers({i: (spec, mixer)})`, which keeps the parent layer's pre-norm.
@@ -84,6 +84,17 @@ def pool_kv_heads(attention: Attention, num_kv_heads: int) -> tuple[AttentionSpe
     _copy_from(child, {"q_proj.kernel": attention.q_proj.kernel[...], "o_proj.kernel": attention.o_proj.kernel[...],
                        "k_proj.kernel": pooled(attention.k_proj.kernel[...]),
                        "v_proj.kernel": pooled(attention.v_proj.kernel[...])})
+    return spec, child
+
+
+def sliding_window(attention: Attention, window: int) -> tuple[AttentionSpec, Attention]:
+    """The same attention weights with each query attending only to the `window` most recent keys
+    (itself included): a KV cache of `window` slots' worth of context instead of the whole sequence."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window: window must be a positive int; got {window!r}")
+    spec = dataclasses.replace(attention.spec, sliding_window=window)
+    child = nnx.clone(attention)
+    child.spec = spec
     return spec, child
 
 
