@@ -2,6 +2,8 @@
 narrowed, pooled or pruned they equal an independent NumPy computation (or the parent with the
 removed experts excluded from selection)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
-from nemojax.config import LinearSpec, MLPSpec, MoESpec
+from nemojax.config import LinearSpec, MambaSpec, MLPSpec, MoESpec
 from nemojax.compress.puzzle import library
 from nemojax.nn.ffn import MoE
+from nemojax.nn.mamba import Mamba2Mixer
 
 jit_call = nnx.jit(lambda m, x: m(x)[0])
 
@@ -144,3 +147,23 @@ def test_sliding_window_equals_numpy_with_a_band_mask(parent):
     assert np.max(np.abs(np.asarray(jit_call(child, x)) - np.asarray(jit_call(attn, x)))) > 1e-3
     with pytest.raises(ValueError, match="window must be a positive int"):
         library.sliding_window(attn, 0)
+
+
+@pytest.mark.parametrize("proj_bias", [False, True])
+def test_mamba_heads_kept_equal_the_parent_with_the_others_silenced(proj_bias):
+    spec = MambaSpec(num_heads=4, head_dim=8, n_groups=4, state_size=8, chunk_size=4, proj_bias=proj_bias)
+    mamba = scaled(Mamba2Mixer(spec, 32, eps=1e-5, std=0.1, out_std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(6)))
+    x = jax.random.normal(jax.random.key(3), (2, 11, 32))
+    _, same = library.prune_mamba_heads(mamba, np.arange(4))
+    np.testing.assert_array_equal(jit_call(same, x), jit_call(mamba, x))
+    child_spec, child = library.prune_mamba_heads(mamba, [3, 1])
+    assert (child_spec.num_heads, child_spec.n_groups, child_spec.d_inner) == (2, 2, 16)
+    silenced = nnx.clone(mamba)  # one head per norm group: dropping heads = zeroing their output rows
+    rows = np.concatenate([np.arange(h * 8, h * 8 + 8) for h in (0, 2)])
+    silenced.out_proj.kernel[...] = mamba.out_proj.kernel[...].at[rows].set(0.0)
+    np.testing.assert_allclose(jit_call(child, x), jit_call(silenced, x), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(jit_call(child, x) - jit_call(mamba, x)))) > 1e-3
+    grouped = Mamba2Mixer(dataclasses.replace(spec, n_groups=2), 32, eps=1e-5, std=0.1, out_std=0.1,
+                          dtype=jnp.float32, rngs=nnx.Rngs(6))
+    with pytest.raises(ValueError, match=r"same number of heads from each of the 2 groups .* \[2, 1\]"):
+        library.prune_mamba_heads(grouped, [0, 1, 2])

@@ -1,6 +1,7 @@
 """Block-library candidates initialised from a parent layer: an MLP narrowed to a subset of its
-channels, attention with mean-pooled K/V heads or a sliding window, an MoE layer that keeps a subset
-of its experts, and the least-squares linear replacement of any layer.
+channels, a Mamba mixer that keeps a subset of its heads, attention with mean-pooled K/V heads or a
+sliding window, an MoE layer that keeps a subset of its experts, and the least-squares linear
+replacement of any layer.
 
 Each function takes the parent layer's mixer and returns (spec, mixer) for
 `HybridLM.replace_layers({i: (spec, mixer)})`, which keeps the parent layer's pre-norm.
@@ -14,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nemojax.config import AttentionSpec, LinearSpec, MLPSpec, MoESpec
+from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, MoESpec
 from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
 from nemojax.nn.layers import LinearMixer
+from nemojax.nn.mamba import Mamba2Mixer
 
 
 def _indices(keep, n: int, what: str) -> np.ndarray:
@@ -60,6 +62,42 @@ def prune_mlp(mlp: MLP, keep) -> tuple[MLPSpec, MLP]:
     values = {"up_proj.kernel": mlp.up_proj.kernel[...][:, idx], "down_proj.kernel": mlp.down_proj.kernel[...][idx]}
     if bias:
         values.update({"up_proj.bias": mlp.up_proj.bias[...][idx], "down_proj.bias": mlp.down_proj.bias[...]})
+    _copy_from(child, values)
+    return spec, child
+
+
+def prune_mamba_heads(mamba: Mamba2Mixer, keep) -> tuple[MambaSpec, Mamba2Mixer]:
+    """The Mamba mixer restricted to heads `keep`, the same number from each B/C group it keeps from (so
+    each kept head still reads its group's B and C; a group with no kept head goes). Each head's scan is independent of the others; the gated
+    RMSNorm after it normalises over the kept heads of a group, so the result equals the parent with the
+    other heads' output projections zeroed exactly when every group is one head (n_groups = num_heads)."""
+    s = mamba.spec
+    idx = _indices(keep, s.num_heads, "prune_mamba_heads")
+    per_group = s.num_heads // s.n_groups
+    counts = np.bincount(idx // per_group, minlength=s.n_groups)
+    groups = np.flatnonzero(counts)  # a group none of whose heads is kept goes, with its B and C
+    if len(set(counts[groups].tolist())) != 1:
+        raise ValueError(f"prune_mamba_heads: keep must take the same number of heads from each of the "
+                         f"{s.n_groups} groups (of {per_group} heads) it keeps; got {counts.tolist()} per group")
+    spec = dataclasses.replace(s, num_heads=int(idx.size), n_groups=int(groups.size))
+    p, d_inner, n, gn = s.head_dim, s.d_inner, s.state_size, s.n_groups * s.state_size
+    channels = (idx[:, None] * p + np.arange(p)).ravel()  # the kept heads' channels within d_inner
+    b = (groups[:, None] * n + np.arange(n)).ravel()
+    bc = d_inner + np.concatenate([b, gn + b])  # the kept groups' B and C within xBC
+    conv_channels = np.concatenate([channels, bc])
+    proj_columns = np.concatenate([channels, d_inner + conv_channels, d_inner + s.conv_dim + idx])
+    hidden = mamba.in_proj.kernel.shape[0]
+    child = Mamba2Mixer(spec, hidden, eps=mamba.eps, std=1.0, out_std=1.0, dtype=mamba.in_proj.kernel[...].dtype,
+                        rngs=nnx.Rngs(0))
+    child.implementation = mamba.implementation
+    values = {"in_proj.kernel": mamba.in_proj.kernel[...][:, proj_columns],
+              "conv_weight": mamba.conv_weight[...][:, conv_channels],
+              "dt_bias": mamba.dt_bias[...][idx], "A_log": mamba.A_log[...][idx], "D": mamba.D[...][idx],
+              "norm_weight": mamba.norm_weight[...][channels], "out_proj.kernel": mamba.out_proj.kernel[...][channels]}
+    if s.conv_bias:
+        values["conv_bias"] = mamba.conv_bias[...][conv_channels]
+    if s.proj_bias:
+        values.update({"in_proj.bias": mamba.in_proj.bias[...][proj_columns], "out_proj.bias": mamba.out_proj.bias[...]})
     _copy_from(child, values)
     return spec, child
 
