@@ -2,8 +2,6 @@
 against fp32, and the CLI end to end (train -> eval -> generate)."""
 
 import json
-import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,7 @@ from nemojax.cli import main
 from nemojax.train import TrainConfig, loop
 from nemojax.train.step import default_loss_fn, objective
 from nemojax.train.optimizer import decays
+from testutils import interrupt_at
 
 
 def tiny_config(tmp_path, name, **kw):
@@ -30,7 +29,7 @@ def _leaves(state):
     return jax.tree.leaves(jax.tree.map(np.asarray, state))
 
 
-def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_equals_straight_run(tmp_path):
     straight = tiny_config(tmp_path, "straight")
     s1 = loop.train(straight, quiet=True)
     assert s1["step"] == 6 and s1["interrupted"] is None
@@ -39,23 +38,10 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="seq_len"):
         loop.train(straight.replace(seq_len=16), quiet=True)
 
-    make = loop.make_dataset
-
-    class SignalAt:  # delivers SIGINT while the batch for step 3 (0-based 2) is being drawn
-        def __init__(self, ds):
-            self.ds, self.vocab_size, self.tokenizer = ds, ds.vocab_size, ds.tokenizer
-
-        def batch(self, step):
-            if step == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            return self.ds.batch(step)
-
-    monkeypatch.setattr(loop, "make_dataset", lambda tc, split="train": (
-        SignalAt(make(tc)) if split == "train" else make(tc, split)))
     resumed = tiny_config(tmp_path, "resumed")
-    s2 = loop.train(resumed, quiet=True)
+    with interrupt_at(2):  # SIGINT while the batch of step 3 (0-based 2) is drawn
+        s2 = loop.train(resumed, quiet=True)
     assert s2["interrupted"] == "SIGINT" and s2["step"] == 3  # the step in flight completes, then saves
-    monkeypatch.setattr(loop, "make_dataset", make)
     s3 = loop.train(resumed, quiet=True)
     assert s3["step"] == 6
 
