@@ -65,10 +65,12 @@ class MTPDepth(nnx.Module):
         self.eh_proj = Linear(2 * d, d, std=cfg.init_std, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(s, cfg, out_std=out_std, dtype=dtype, rngs=rngs) for s in cfg.mtp_layers])
         self.final_layernorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
+        self.residual_in_fp32 = cfg.residual_in_fp32
 
     def __call__(self, emb_next, h):
-        x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h)], axis=-1))
-        x, _ = run_blocks(self.blocks, x)
+        x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h.astype(emb_next.dtype))], axis=-1))
+        act_dtype = x.dtype
+        x, _ = run_blocks(self.blocks, x.astype(jnp.float32) if self.residual_in_fp32 else x, act_dtype=act_dtype)
         return x, self.final_layernorm(x)
 
 

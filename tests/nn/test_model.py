@@ -233,3 +233,7 @@ def test_residual_in_fp32_keeps_the_stream_wide_and_the_mixers_in_the_model_dtyp
     # mixer outputs added to a bf16 stream are rounded; the fp32 stream keeps them (ignoring the flag ties)
     exact = ref.layer_states(t)[-1]
     assert rel_err(states["wide"][-1], exact) < rel_err(states["narrow"][-1], exact)
+    mtp = nj.HybridLM(nj.presets.get("tiny-latent-mtp").replace(residual_in_fp32=True), rngs=nnx.Rngs(0),
+                      dtype=jnp.bfloat16)
+    h = mtp.hidden_states(t)[0]
+    assert h.dtype == jnp.float32 and mtp.mtp[0](mtp.embed(t), h)[0].dtype == jnp.float32  # MTP blocks too
