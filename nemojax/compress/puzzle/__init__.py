@@ -1,5 +1,6 @@
-"""Puzzle for hybrid models: pick one option per layer under budgets (`solve`)."""
+"""Puzzle for hybrid models: pick one option per layer under budgets (`solve`, and `search` over
+named budgets and batch sizes on a table of candidates' scores and costs)."""
 
-from nemojax.compress.puzzle.search import Infeasible, solve
+from nemojax.compress.puzzle.search import BUDGETS, OBJECTIVES, Infeasible, Options, search, solve, tabulate
 
-__all__ = ["Infeasible", "solve"]
+__all__ = ["BUDGETS", "OBJECTIVES", "Infeasible", "Options", "search", "solve", "tabulate"]
