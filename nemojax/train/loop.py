@@ -45,7 +45,7 @@ def make_dataset(tc: TrainConfig, split: str = "train"):
     if tc.data_path is not None:
         opts["path"] = tc.data_path
     if split != "train":
-        if tc.data in ("text", "file"):
+        if "split" in data_mod.options_of(tc.data):
             opts["split"] = split
         else:  # synthetic tasks: held-out instances come from another seed
             return data_mod.make_dataset(tc.data, seq_len=tc.seq_len, batch_size=tc.batch_size,
@@ -73,6 +73,16 @@ def init_state(tc: TrainConfig, model: HybridLM):
     tx = make_optimizer(tc)
     state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     return graphdef, tx, state
+
+
+def load_weights(model: HybridLM, source: HybridLM) -> None:
+    """Set `model`'s weights (and router correction biases) to `source`'s, cast to `model`'s dtypes: a
+    bf16 source still trains with fp32 master weights. Both must be built from the same config."""
+    if source.cfg != model.cfg:
+        raise ValueError("initial_model: its config differs from the model being trained")
+    keep = nnx.Not(nnx.Intermediate)  # sown MoE statistics are not weights
+    nnx.update(model, jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), nnx.state(model, keep),
+                                   nnx.state(source, keep)))
 
 
 def merged(graphdef, state) -> HybridLM:
@@ -139,15 +149,26 @@ def _resume_checks(tc: TrainConfig, out: Path, model_config: ModelConfig, latest
     return changes
 
 
-def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bool = False) -> dict:
+def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bool = False,
+          initial_model: HybridLM | None = None, loss_fn=None, batch_fn=None) -> dict:
     """Train (or continue training) per `tc`; returns a summary dict (also written to summary.json).
 
     `model_config` replaces the preset (ablations with custom architectures); the run directory keeps
     it as model_config.json (native format, any heterogeneous model), so `load_run`, `nemojax eval` and
     `generate` rebuild it.
+    `initial_model`: start from its weights instead of a fresh init (its config is the run's model
+    config); a resumed run starts from its checkpoint instead. `loss_fn(model, batch) -> (loss, metrics)`
+    replaces the LM loss (see `step.lm_loss`); its metrics must include "ce" and "accuracy", and every
+    total among them (a name without "/") is evaluated on held-out data too. `batch_fn(batch) -> batch`
+    is applied to every batch on the device before a step or an evaluation (e.g. to add a teacher's
+    outputs, computed outside the compiled step).
     Everything is validated before anything is written to `tc.out_dir`. Raises `TrainingDiverged` when
     the loss or the gradients stop being finite."""
     out = Path(tc.out_dir)
+    if initial_model is not None:
+        if model_config is not None and model_config != initial_model.cfg:
+            raise ValueError("model_config: differs from initial_model.cfg; give one or the other")
+        model_config = initial_model.cfg
     model_config = model_config or presets.get(tc.preset)
     ckpt = Checkpointer(out, create=False)
     latest = ckpt.latest_step()
@@ -165,6 +186,8 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
         memory.check(memory.estimate(tc, model_config, state_like, mesh), memory.available())
 
     model = build_model(tc, ds.vocab_size, model_config, mesh)
+    if initial_model is not None and latest is None:
+        load_weights(model, initial_model)
     graphdef, tx, state = init_state(tc, model)
     if mesh is None:
         grad_shardings, to_device = None, lambda b: jax.tree.map(jnp.asarray, b)
@@ -176,7 +199,12 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
         if replicated:
             _say(f"fsdp={mesh.shape['fsdp']} divides no dimension of {len(replicated)} matrices, so every device "
                  f"keeps them whole: {', '.join(replicated)}")
-    train_step, eval_step = make_train_step(graphdef, tx, tc, grad_shardings), make_eval_step(graphdef, tc)
+    prepare = to_device if batch_fn is None else lambda b: batch_fn(to_device(b))  # noqa: E731
+    train_step = make_train_step(graphdef, tx, tc, grad_shardings, loss_fn)
+    eval_step = make_eval_step(graphdef, tc, loss_fn)
+
+    def run_eval(state):
+        return evaluate(eval_step, state, ds_eval, tc.eval_batches, prepare)
 
     summary, segment = {}, {"start_step": 0}
     if latest is not None:
@@ -198,18 +226,17 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     model_config.save(out / "model_config.json")
 
     if latest is None:
-        summary["initial_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
+        summary["initial_eval"] = run_eval(state)
         summary["eval_tokens"] = eval_tokens(ds_eval, tc.eval_batches)
     start = int(state["step"])
     log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None)
     if start == 0:
-        log.write({"step": 0, "eval_loss": summary["initial_eval"]["ce"],
-                   "eval_accuracy": summary["initial_eval"]["accuracy"]})
+        log.write({"step": 0, **eval_record(summary["initial_eval"])})
     if start < tc.steps:  # a re-run of a finished run adds no segment and compiles nothing
         summary.setdefault("segments", []).append(segment)
         # compiled before the progress bar starts, so that its rate and ETA count steps only
-        train_step.lower(state, to_device(ds.batch(start))).compile()
-        eval_step.lower(state, to_device(ds_eval.batch(0))).compile()
+        train_step.lower(state, prepare(ds.batch(start))).compile()
+        eval_step.lower(state, prepare(ds_eval.batch(0))).compile()
     tokens_per_step = tc.batch_size * tc.seq_len
     last_saved = start if latest is not None else None
 
@@ -226,7 +253,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
             t0 = t_last = time.perf_counter()
             pending = None  # the previous step's (step, metrics), checked once the next step is queued
             for step in range(start, tc.steps):
-                state, metrics = train_step(state, to_device(ds.batch(step)))
+                state, metrics = train_step(state, prepare(ds.batch(step)))
                 if pending is not None:
                     _check_finite(*pending, tc, last_saved)
                 done = step + 1
@@ -238,8 +265,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
                                   tokens_per_s=tokens_per_step * min(tc.log_every, done - start) / (now - t_last))
                     t_last = now
                     if done % tc.eval_every == 0 or done == tc.steps:
-                        ev = evaluate(eval_step, state, ds_eval, tc.eval_batches)
-                        record.update(eval_loss=ev["ce"], eval_accuracy=ev["accuracy"])
+                        record.update(eval_record(run_eval(state)))
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
@@ -263,7 +289,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     summary.update(step=step, interrupted=interrupted,
                    seconds_total=sum(s["seconds"] for s in summary.get("segments", [])))
     if step == tc.steps and interrupted is None:
-        summary["final_eval"] = evaluate(eval_step, state, ds_eval, tc.eval_batches)
+        summary["final_eval"] = run_eval(state)
         model = merged(graphdef, state)
         if ds.tokenizer is None:
             summary["sample"] = sample_task(model, ds_eval)
@@ -274,6 +300,13 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
         plot_metrics(records, out / "loss.png", title=f"{tc.preset} on {tc.data}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
+
+
+def eval_record(ev: dict) -> dict:
+    """An evaluation as metrics.jsonl logs it: eval_loss is the held-out CE (whatever the training loss
+    is), beside the loss function's other terms; the objective's total and the MoE statistics are left out."""
+    rest = {f"eval_{k}": v for k, v in ev.items() if k not in ("ce", "accuracy", "loss") and not k.startswith("moe_")}
+    return {"eval_loss": ev["ce"], "eval_accuracy": ev["accuracy"], **rest}
 
 
 def eval_tokens(ds, n_batches: int) -> int:

@@ -119,7 +119,10 @@ def make_eval_step(graphdef, tc: TrainConfig, loss_fn=None):
     return eval_step
 
 
-def evaluate(eval_step, state, ds, n_batches: int) -> dict:
-    """Mean CE and accuracy over the first `n_batches` batches of `ds` (the same batches every time)."""
-    out = [eval_step(state, ds.batch(i)) for i in range(n_batches)]
-    return {k: float(np.mean([float(o[k]) for o in out])) for k in ("ce", "accuracy")}
+def evaluate(eval_step, state, ds, n_batches: int, prepare=None) -> dict:
+    """Mean of every total the eval step reports (CE, accuracy, the loss and its terms; not the per-layer
+    entries, whose names hold a "/") over the first `n_batches` batches of `ds` (the same batches every
+    time), each batch passed through `prepare` first when given."""
+    prepare = (lambda b: b) if prepare is None else prepare
+    out = [eval_step(state, prepare(ds.batch(i))) for i in range(n_batches)]
+    return {k: float(np.mean([float(o[k]) for o in out])) for k in out[0] if "/" not in k}
