@@ -8,10 +8,10 @@ import inspect
 
 from nemojax.data.base import IGNORE, Dataset
 from nemojax.data.synthetic import MQAR, InductionHeads, SelectiveCopy
-from nemojax.data.text import PackedText, builtin_documents, file_documents
+from nemojax.data.text import PackedText, StdlibText, builtin_documents, file_documents, stdlib_documents
 from nemojax.data.tokenizer import ByteTokenizer
 
-DATASETS = ("text", "file", "mqar", "induction", "selective_copy")
+DATASETS = ("text", "stdlib", "file", "mqar", "induction", "selective_copy")
 _SYNTHETIC = {"mqar": MQAR, "induction": InductionHeads, "selective_copy": SelectiveCopy}
 _TEXT_OPTIONS = ("split", "val_fraction")
 
@@ -21,7 +21,7 @@ def options_of(name: str) -> tuple[str, ...]:
     if name in _SYNTHETIC:
         params = inspect.signature(_SYNTHETIC[name].__init__).parameters.values()
         return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
-    if name == "text":
+    if name in ("text", "stdlib"):
         return _TEXT_OPTIONS
     if name == "file":
         return ("path", "text_key", *_TEXT_OPTIONS)
@@ -31,7 +31,8 @@ def options_of(name: str) -> tuple[str, ...]:
 def make_dataset(name: str, *, seq_len: int, batch_size: int, seed: int = 0, **options) -> Dataset:
     """A dataset by name (see DATASETS; `options_of(name)` lists its options): mqar (num_kv_pairs,
     vocab_size, power_a), induction (vocab_size), selective_copy (num_tokens, vocab_size), text (split,
-    val_fraction), file (path, text_key, split, val_fraction)."""
+    val_fraction), stdlib (split, val_fraction: of the bytes, as whole files; default 0.02), file (path,
+    text_key, split, val_fraction)."""
     allowed = options_of(name)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -41,6 +42,8 @@ def make_dataset(name: str, *, seq_len: int, batch_size: int, seed: int = 0, **o
         return _SYNTHETIC[name](**common, **options)
     if name == "text":
         return PackedText(builtin_documents(), source="built-in corpus", **common, **options)
+    if name == "stdlib":
+        return StdlibText(**common, **options)
     if "path" not in options:
         raise ValueError("data 'file' needs a path (a .txt or .jsonl file, or a directory of them)")
     path = options.pop("path")
@@ -49,5 +52,5 @@ def make_dataset(name: str, *, seq_len: int, batch_size: int, seed: int = 0, **o
 
 
 __all__ = ["DATASETS", "IGNORE", "MQAR", "ByteTokenizer", "Dataset", "InductionHeads", "PackedText",
-           "SelectiveCopy", "builtin_documents", "file_documents", "make_dataset",
-           "options_of"]
+           "SelectiveCopy", "StdlibText", "builtin_documents", "file_documents", "make_dataset",
+           "options_of", "stdlib_documents"]

@@ -17,8 +17,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 class TrainConfig:
     # model and data
     preset: str = field(default="tiny-hybrid", metadata={"help": "model preset (see `nemojax info`)"})
-    data: str = field(default="text", metadata={"help": "dataset: text (built-in corpus), file, mqar, induction, "
-                                                        "selective_copy"})
+    data: str = field(default="text", metadata={"help": "dataset: text (built-in corpus: Python's help text), stdlib "
+                                                        "(Python's standard library source; validation = whole "
+                                                        "held-out files), file, mqar, induction, selective_copy"})
     data_path: str | None = field(default=None, metadata={"help": "a .txt or .jsonl file, for --data file"})
     data_options: dict = field(default_factory=dict, metadata={
         "help": "extra dataset options as KEY=VALUE, e.g. num_kv_pairs=8 (repeatable)"})
