@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from nemojax.compress import experts
+from nemojax.compress.puzzle import library
 from nemojax.config import MoESpec
 from nemojax.nn.ffn import MoE
 
@@ -29,9 +30,11 @@ def test_ranked_choice_on_a_hand_worked_ballot():
         experts.ranked_choice(np.array([[0, 0, 1, 2]]), top_k=1)
 
 
-def numpy_moe(x, moe, removed=None):
-    """The routed experts' output, token by token (no shared expert, no latent projections)."""
+def numpy_moe(x, moe, removed=None, top_k=None):
+    """The layer's output token by token (no latent projections), routing to `top_k` experts (default:
+    the layer's own)."""
     s = moe.spec
+    top_k = s.top_k if top_k is None else top_k
     w_gate, bias = np.asarray(moe.gate_weight[...], np.float64), np.asarray(moe.correction_bias[...], np.float64)
     w_up, w_down = np.asarray(moe.up_proj[...], np.float64), np.asarray(moe.down_proj[...], np.float64)
     out = np.zeros_like(x)
@@ -40,10 +43,13 @@ def numpy_moe(x, moe, removed=None):
         choice = scores + bias
         if removed is not None:
             choice[removed] = -np.inf
-        idx = np.argsort(-choice, kind="stable")[:s.top_k]
+        idx = np.argsort(-choice, kind="stable")[:top_k]
         w = scores[idx] / scores[idx].sum() * s.routed_scaling_factor
         for k, e in zip(w, idx):
             out[t] += k * (np.maximum(xt @ w_up[e], 0) ** 2) @ w_down[e]
+    if moe.shared_experts is not None:
+        up, down = moe.shared_experts.up_proj.kernel[...], moe.shared_experts.down_proj.kernel[...]
+        out += np.maximum(x @ np.asarray(up, np.float64), 0) ** 2 @ np.asarray(down, np.float64)
     return out
 
 
@@ -60,3 +66,30 @@ def test_removal_error_and_preferences_match_numpy():
     got = experts.removal_error(moe, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-9)
     assert np.all(want > 0)
+
+
+def test_smaller_top_k_and_narrower_shared_expert_match_numpy():
+    spec = MoESpec(num_experts=8, top_k=3, intermediate_size=16, shared_intermediate_size=20,
+                   routed_scaling_factor=1.5)
+    moe = MoE(spec, 24, std=0.3, out_std=0.3, dtype=jnp.float32, rngs=nnx.Rngs(5))
+    moe.correction_bias[...] = jnp.linspace(0.1, -0.1, 8)
+    x = np.asarray(jax.random.normal(jax.random.key(2), (40, 24)), np.float64)
+    run = nnx.jit(lambda m, x: m(x)[0])
+    x32 = jnp.asarray(x, jnp.float32)
+    for child in (library.moe_top_k(moe, 3)[1], library.prune_shared_expert(moe, np.arange(20))[1]):
+        np.testing.assert_array_equal(run(child, x32), run(moe, x32))
+    np.testing.assert_allclose(run(moe, x32), numpy_moe(x, moe), rtol=1e-4, atol=1e-5)
+    top1_spec, top1 = library.moe_top_k(moe, 1)
+    assert top1_spec == MoESpec(8, 1, 16, 20, routed_scaling_factor=1.5) and moe.spec.top_k == 3
+    np.testing.assert_allclose(run(top1, x32), numpy_moe(x, moe, top_k=1), rtol=1e-4, atol=1e-5)
+    assert np.max(np.abs(numpy_moe(x, moe, top_k=1) - numpy_moe(x, moe))) > 1e-2
+    keep = np.array([17, 2, 9, 5])
+    narrow_spec, narrow = library.prune_shared_expert(moe, keep)
+    assert narrow_spec.shared_intermediate_size == 4
+    w_up, w_down = (np.asarray(m.kernel[...], np.float64) for m in (moe.shared_experts.up_proj,
+                                                                     moe.shared_experts.down_proj))
+    dropped = np.setdiff1d(np.arange(20), keep)
+    without = numpy_moe(x, moe) - np.maximum(x @ w_up[:, dropped], 0) ** 2 @ w_down[dropped]
+    np.testing.assert_allclose(run(narrow, x32), without, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="top_k=9 exceeds"):
+        library.moe_top_k(moe, 9)

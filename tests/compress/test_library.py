@@ -167,3 +167,51 @@ def test_mamba_heads_kept_equal_the_parent_with_the_others_silenced(proj_bias):
                           dtype=jnp.float32, rngs=nnx.Rngs(6))
     with pytest.raises(ValueError, match=r"same number of heads from each of the 2 groups .* \[2, 1\]"):
         library.prune_mamba_heads(grouped, [0, 1, 2])
+
+
+def test_mamba_head_contribution_is_what_silencing_the_head_takes_from_the_output():
+    spec = MambaSpec(num_heads=4, head_dim=8, n_groups=2, state_size=8, chunk_size=4)
+    mamba = scaled(Mamba2Mixer(spec, 32, eps=1e-5, std=0.1, out_std=0.1, dtype=jnp.float32, rngs=nnx.Rngs(2)))
+    x = jax.random.normal(jax.random.key(4), (2, 11, 32))
+    full = np.asarray(jit_call(mamba, x), np.float64).reshape(-1, 32)
+    lost = []
+    for h in range(4):
+        silenced = nnx.clone(mamba)
+        silenced.out_proj.kernel[...] = mamba.out_proj.kernel[...].at[h * 8:(h + 1) * 8].set(0.0)
+        out = np.asarray(jit_call(silenced, x), np.float64).reshape(-1, 32)
+        lost.append(np.linalg.norm(full - out, axis=1).mean())
+    got = library.mamba_head_contribution(mamba, x)
+    np.testing.assert_allclose(got, lost, rtol=1e-4)
+    assert np.ptp(got) > 0.1 * np.max(got)  # the heads differ, so the ranking is not arbitrary
+
+
+@pytest.mark.parametrize("num_heads,n_groups", [(8, 4), (12, 3), (6, 1), (4, 4)])
+def test_mamba_keep_heads_is_the_best_set_that_prune_accepts(num_heads, n_groups):
+    import itertools
+
+    spec = MambaSpec(num_heads=num_heads, head_dim=4, n_groups=n_groups, state_size=4)
+    c = np.random.default_rng(num_heads + n_groups).exponential(size=num_heads)
+    per_group = num_heads // n_groups
+    for n in range(1, num_heads + 1):
+        best = None
+        for subset in itertools.combinations(range(num_heads), n):
+            counts = np.bincount(np.array(subset) // per_group, minlength=n_groups)
+            if len(set(counts[counts > 0].tolist())) == 1 and (best is None or c[list(subset)].sum() > best):
+                best = c[list(subset)].sum()
+        keep = library.mamba_keep_heads(c, spec, n)
+        if best is None:
+            assert keep is None
+        else:
+            assert len(keep) == n
+            np.testing.assert_allclose(c[keep].sum(), best, rtol=1e-12)
+    with pytest.raises(ValueError, match="1 <= n <= 4"):
+        library.mamba_keep_heads(np.ones(4), MambaSpec(num_heads=4, head_dim=4, n_groups=2, state_size=4), 0)
+
+
+def test_attention_as_linear_equals_attention_attending_only_to_itself(parent):
+    attn, x = parent.layers[3].mixer, x_of()  # 4 query heads over 2 KV heads
+    spec, linear = library.attention_as_linear(attn)
+    assert spec == LinearSpec(bias=False)
+    _, itself = library.sliding_window(attn, 1)
+    np.testing.assert_allclose(jit_call(linear, x), jit_call(itself, x), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(jit_call(linear, x)) - np.asarray(jit_call(attn, x)))) > 1e-3

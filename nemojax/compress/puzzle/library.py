@@ -1,6 +1,7 @@
 """Block-library candidates initialised from a parent layer: an MLP narrowed to a subset of its
-channels, a Mamba mixer that keeps a subset of its heads, attention with mean-pooled K/V heads or a
-sliding window, an MoE layer that keeps a subset of its experts, and the least-squares linear
+channels, a Mamba mixer that keeps a subset of its heads, attention with mean-pooled K/V heads, a
+sliding window or only its value and output projections, an MoE layer that keeps a subset of its
+experts, routes to fewer of them or has a narrower shared expert, and the least-squares linear
 replacement of any layer.
 
 Each function takes the parent layer's mixer and returns (spec, mixer) for
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -18,7 +20,7 @@ from flax import nnx
 from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, MoESpec
 from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
-from nemojax.nn.layers import LinearMixer
+from nemojax.nn.layers import Linear, LinearMixer
 from nemojax.nn.mamba import Mamba2Mixer
 
 
@@ -48,6 +50,46 @@ def mlp_channel_contribution(mlp: MLP, x) -> np.ndarray:
         h = h + mlp.up_proj.bias[...].astype(jnp.float32)
     act = jnp.mean(jnp.abs(jnp.square(jnp.maximum(h, 0.0))), axis=0)
     return np.asarray(act * jnp.linalg.norm(mlp.down_proj.kernel[...].astype(jnp.float32), axis=1))
+
+
+def mamba_head_contribution(mamba: Mamba2Mixer, x) -> np.ndarray:
+    """Per head h: the mean over the tokens of x [..., D] of ||y_h W_out[h]||, the norm of the head's
+    term in the mixer's output (y_h: its channels after the gated norm, W_out[h]: their out_proj rows).
+
+    Chosen over ||y_h|| * ||W_out[h]||, an upper bound that ignores the directions y_h takes, because
+    it is exactly what the output loses when the head is silenced (its out_proj rows zeroed). Measured
+    in the parent: with several heads per norm group, dropping a head also renormalises the others."""
+    s = mamba.spec
+    probe = nnx.clone(mamba)  # the same mixer, returning its pre-out_proj activations y [..., d_inner]
+    probe.out_proj = Linear(s.d_inner, s.d_inner, std=0.0, dtype=mamba.out_proj.kernel[...].dtype, rngs=nnx.Rngs(0))
+    probe.out_proj.kernel[...] = jnp.eye(s.d_inner, dtype=probe.out_proj.kernel[...].dtype)
+    y = np.asarray(nnx.jit(lambda m, x: m(x)[0])(probe, x), np.float64).reshape(-1, s.num_heads, s.head_dim)
+    w = np.asarray(mamba.out_proj.kernel[...], np.float64).reshape(s.num_heads, s.head_dim, -1)
+    gram = np.einsum("hpd,hqd->hpq", w, w)  # ||y_h W_h||^2 = y_h (W_h W_h^T) y_h^T, without the [T, H, D] terms
+    squared = np.einsum("thp,hpq,thq->th", y, gram, y)
+    return np.sqrt(np.maximum(squared, 0.0)).mean(0)
+
+
+def mamba_keep_heads(contribution, spec: MambaSpec, n: int) -> np.ndarray | None:
+    """The `n` heads of largest summed contribution among the sets `prune_mamba_heads` accepts: k heads
+    from each of m groups, m * k = n (for each k, every group's best k heads, the m best groups by
+    their sum; then the best k). Sorted head indices, or None when no such set exists."""
+    c = np.asarray(contribution, np.float64)
+    per_group = spec.num_heads // spec.n_groups
+    if c.shape != (spec.num_heads,) or not 1 <= n <= spec.num_heads:
+        raise ValueError(f"mamba_keep_heads: need a contribution per head ({spec.num_heads}) and 1 <= n <= "
+                         f"{spec.num_heads}; got shape {c.shape}, n={n}")
+    c = c.reshape(spec.n_groups, per_group)
+    order = np.argsort(-c, axis=1, kind="stable")
+    best, keep = -np.inf, None
+    for k in range(1, per_group + 1):
+        if n % k or n // k > spec.n_groups:
+            continue
+        sums = np.take_along_axis(c, order[:, :k], axis=1).sum(1)
+        groups = np.argsort(-sums, kind="stable")[: n // k]
+        if sums[groups].sum() > best:
+            best, keep = sums[groups].sum(), (groups[:, None] * per_group + order[groups, :k]).ravel()
+    return None if keep is None else np.sort(keep)
 
 
 def prune_mlp(mlp: MLP, keep) -> tuple[MLPSpec, MLP]:
@@ -136,6 +178,22 @@ def sliding_window(attention: Attention, window: int) -> tuple[AttentionSpec, At
     return spec, child
 
 
+def attention_as_linear(attention: Attention) -> tuple[LinearSpec, LinearMixer]:
+    """Attention in which every token attends only to itself, as one linear map: its softmax weight is
+    1, so query head h outputs x W_v[g(h)] (g(h) = h // (num_heads / num_kv_heads), its KV group) and
+    the layer is x (W_v expanded to the query heads) W_o."""
+    s = attention.spec
+    hidden = attention.v_proj.kernel.shape[0]
+    dtype = attention.v_proj.kernel[...].dtype
+    w_v = attention.v_proj.kernel[...].astype(jnp.float32).reshape(hidden, s.num_kv_heads, s.head_dim)
+    w_v = jnp.repeat(w_v, s.num_heads // s.num_kv_heads, axis=1).reshape(hidden, s.num_heads * s.head_dim)
+    w = jnp.matmul(w_v, attention.o_proj.kernel[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    spec = LinearSpec(bias=False)
+    child = LinearMixer(spec, hidden, std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    _copy_from(child, {"linear.kernel": w.astype(dtype)})
+    return spec, child
+
+
 def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
     """The MoE layer with only the routed experts `keep` (router columns, correction biases and expert
     weights selected; shared expert and latent projections unchanged): it routes as the parent does
@@ -154,6 +212,30 @@ def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
                        "up_proj": moe.up_proj[...][idx], "down_proj": moe.down_proj[...][idx]})
     for name in ("shared_experts", "fc1_latent_proj", "fc2_latent_proj"):
         setattr(child, name, None if getattr(moe, name) is None else nnx.clone(getattr(moe, name)))
+    return spec, child
+
+
+def moe_top_k(moe: MoE, top_k: int) -> tuple[MoESpec, MoE]:
+    """The same MoE layer routing each token to its `top_k` best experts (weights renormalised over
+    those when the parent normalises them)."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"moe_top_k: top_k must be a positive int; got {top_k!r}")
+    spec = dataclasses.replace(moe.spec, top_k=top_k)
+    spec.check("moe_top_k")
+    child = nnx.clone(moe)
+    child.spec = spec
+    return spec, child
+
+
+def prune_shared_expert(moe: MoE, keep) -> tuple[MoESpec, MoE]:
+    """The MoE layer with its shared expert restricted to intermediate channels `keep` (`prune_mlp`);
+    router and routed experts unchanged."""
+    if moe.shared_experts is None:
+        raise ValueError("prune_shared_expert: the MoE layer has no shared expert (shared_intermediate_size=0)")
+    _, shared = prune_mlp(moe.shared_experts, keep)
+    spec = dataclasses.replace(moe.spec, shared_intermediate_size=shared.up_proj.kernel.shape[1])
+    child = nnx.clone(moe)
+    child.spec, child.shared_experts = spec, shared
     return spec, child
 
 
