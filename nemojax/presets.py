@@ -62,6 +62,15 @@ def _build() -> dict[str, ModelConfig]:
         moe=MoESpec(num_experts=16, top_k=4, intermediate_size=32, shared_intermediate_size=64,
                     latent_size=32, routed_scaling_factor=5.0),
         mtp_pattern="*E", mtp_depth=1)
+    # The Puzzle study's parent (experiments/puzzle): Nano's layer kinds and routing (sigmoid top-k with a
+    # shared expert and a scaling factor) at a size that trains on a CPU; every kind has room to shrink
+    # (8 Mamba heads, 4 KV heads, 16 experts at top-4).
+    p["puzzle-parent"] = from_pattern(
+        "ME*EM-ME*E", vocab_size=256, hidden_size=160, name="puzzle-parent",
+        mamba=MambaSpec(num_heads=8, head_dim=32, n_groups=2, state_size=32, chunk_size=64),
+        attention=AttentionSpec(num_heads=8, num_kv_heads=4, head_dim=32), mlp=MLPSpec(512),
+        moe=MoESpec(num_experts=16, top_k=4, intermediate_size=128, shared_intermediate_size=256,
+                    routed_scaling_factor=2.5))
     return p
 
 
