@@ -1,6 +1,6 @@
 """Expert importance for pruning MoE layers: ranked-choice voting over the router's preferences,
-and the output error of removing each expert alone. Both rank experts most important first, for
-`puzzle.library.keep_experts(moe, ranking[:n])`."""
+and the output error of removing each expert alone. `rank_experts` ranks experts most important
+first by either, for `puzzle.library.keep_experts(moe, ranking[:n])`."""
 
 from __future__ import annotations
 
@@ -60,3 +60,17 @@ def removal_error(moe: MoE, x) -> np.ndarray:
         probe.correction_bias[...] = bias.at[e].set(-jnp.inf)
         out[e] = np.mean((np.asarray(run(probe, x_TD), np.float64) - base) ** 2)
     return out
+
+
+SCORERS = {
+    "rcv": lambda moe, x: ranked_choice(router_preferences(moe, x), moe.spec.top_k),
+    "rem": lambda moe, x: np.argsort(-removal_error(moe, x), kind="stable"),
+}
+
+
+def rank_experts(moe: MoE, x, scorer: str) -> np.ndarray:
+    """The experts of `moe`, most important first on its inputs x [..., D], by `scorer`: "rcv"
+    (ranked-choice voting with the layer's own top_k) or "rem" (largest removal error first)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"rank_experts: scorer must be one of {tuple(SCORERS)}; got {scorer!r}")
+    return SCORERS[scorer](moe, x)

@@ -33,13 +33,28 @@ def _indices(keep, n: int, what: str) -> np.ndarray:
     return np.sort(idx)
 
 
+def _shell(make):
+    """The module `make()` builds, its parameters shapes only: `_copy_from` fills every one (no random
+    initialisation to compute, which costs more than the copies on a CPU)."""
+    return nnx.eval_shape(make)
+
+
 def _copy_from(module, values: dict) -> None:
+    """Sets the named parameters ("up_proj.kernel") of a `_shell` module; every parameter must then hold
+    an array."""
     for name, value in values.items():
         target = module
         *path, leaf = name.split(".")
         for p in path:
             target = getattr(target, p)
-        getattr(target, leaf)[...] = value
+        var = getattr(target, leaf)
+        want = var.get_value()
+        if tuple(value.shape) != tuple(want.shape):
+            raise ValueError(f"{name}: expected shape {want.shape}; got {value.shape}")
+        var.set_value(jnp.asarray(value, want.dtype))
+    missing = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(module))
+               if isinstance(v, jax.ShapeDtypeStruct)]
+    assert not missing, f"parameters left unset: {missing}"
 
 
 def mlp_channel_contribution(mlp: MLP, x) -> np.ndarray:
@@ -61,8 +76,9 @@ def mamba_head_contribution(mamba: Mamba2Mixer, x) -> np.ndarray:
     in the parent: with several heads per norm group, dropping a head also renormalises the others."""
     s = mamba.spec
     probe = nnx.clone(mamba)  # the same mixer, returning its pre-out_proj activations y [..., d_inner]
-    probe.out_proj = Linear(s.d_inner, s.d_inner, std=0.0, dtype=mamba.out_proj.kernel[...].dtype, rngs=nnx.Rngs(0))
-    probe.out_proj.kernel[...] = jnp.eye(s.d_inner, dtype=probe.out_proj.kernel[...].dtype)
+    dtype = mamba.out_proj.kernel[...].dtype
+    probe.out_proj = _shell(lambda: Linear(s.d_inner, s.d_inner, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
+    _copy_from(probe, {"out_proj.kernel": jnp.eye(s.d_inner, dtype=dtype)})
     y = np.asarray(nnx.jit(lambda m, x: m(x)[0])(probe, x), np.float64).reshape(-1, s.num_heads, s.head_dim)
     w = np.asarray(mamba.out_proj.kernel[...], np.float64).reshape(s.num_heads, s.head_dim, -1)
     gram = np.einsum("hpd,hqd->hpq", w, w)  # ||y_h W_h||^2 = y_h (W_h W_h^T) y_h^T, without the [T, H, D] terms
@@ -99,7 +115,8 @@ def prune_mlp(mlp: MLP, keep) -> tuple[MLPSpec, MLP]:
     bias = mlp.up_proj.bias is not None
     spec = MLPSpec(intermediate_size=int(idx.size), bias=bias)
     dtype = mlp.up_proj.kernel[...].dtype
-    child = MLP(mlp.up_proj.kernel.shape[0], idx.size, bias=bias, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child = _shell(lambda: MLP(mlp.up_proj.kernel.shape[0], idx.size, bias=bias, std=1.0, out_std=1.0, dtype=dtype,
+                               rngs=nnx.Rngs(0)))
     child.implementation = mlp.implementation
     values = {"up_proj.kernel": mlp.up_proj.kernel[...][:, idx], "down_proj.kernel": mlp.down_proj.kernel[...][idx]}
     if bias:
@@ -129,8 +146,8 @@ def prune_mamba_heads(mamba: Mamba2Mixer, keep) -> tuple[MambaSpec, Mamba2Mixer]
     conv_channels = np.concatenate([channels, bc])
     proj_columns = np.concatenate([channels, d_inner + conv_channels, d_inner + s.conv_dim + idx])
     hidden = mamba.in_proj.kernel.shape[0]
-    child = Mamba2Mixer(spec, hidden, eps=mamba.eps, std=1.0, out_std=1.0, dtype=mamba.in_proj.kernel[...].dtype,
-                        rngs=nnx.Rngs(0))
+    child = _shell(lambda: Mamba2Mixer(spec, hidden, eps=mamba.eps, std=1.0, out_std=1.0,
+                                       dtype=mamba.in_proj.kernel[...].dtype, rngs=nnx.Rngs(0)))
     child.implementation = mamba.implementation
     values = {"in_proj.kernel": mamba.in_proj.kernel[...][:, proj_columns],
               "conv_weight": mamba.conv_weight[...][:, conv_channels],
@@ -154,7 +171,7 @@ def pool_kv_heads(attention: Attention, num_kv_heads: int) -> tuple[AttentionSpe
     spec = dataclasses.replace(s, num_kv_heads=num_kv_heads)
     dtype = attention.q_proj.kernel[...].dtype
     hidden = attention.q_proj.kernel.shape[0]
-    child = Attention(spec, hidden, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child = _shell(lambda: Attention(spec, hidden, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
     child.implementation = attention.implementation
 
     def pooled(kernel):  # [D, Hkv * Dh] -> [D, num_kv_heads * Dh], groups of consecutive heads averaged
@@ -189,7 +206,7 @@ def attention_as_linear(attention: Attention) -> tuple[LinearSpec, LinearMixer]:
     w_v = jnp.repeat(w_v, s.num_heads // s.num_kv_heads, axis=1).reshape(hidden, s.num_heads * s.head_dim)
     w = jnp.matmul(w_v, attention.o_proj.kernel[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     spec = LinearSpec(bias=False)
-    child = LinearMixer(spec, hidden, std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child = _shell(lambda: LinearMixer(spec, hidden, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
     _copy_from(child, {"linear.kernel": w.astype(dtype)})
     return spec, child
 
@@ -205,13 +222,13 @@ def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
     idx = _indices(keep, s.num_experts, "keep_experts")
     spec = dataclasses.replace(s, num_experts=int(idx.size), top_k=min(s.top_k, int(idx.size)))
     hidden = moe.gate_weight.shape[0]
-    child = MoE(spec, hidden, std=1.0, out_std=1.0, dtype=moe.gate_weight[...].dtype, rngs=nnx.Rngs(0))
+    child = _shell(lambda: MoE(spec, hidden, std=1.0, out_std=1.0, dtype=moe.gate_weight[...].dtype, rngs=nnx.Rngs(0)))
     for name in ("implementation", "capacity_factor", "expert_mesh", "collect_stats"):
         setattr(child, name, getattr(moe, name))
-    _copy_from(child, {"gate_weight": moe.gate_weight[...][:, idx], "correction_bias": moe.correction_bias[...][idx],
-                       "up_proj": moe.up_proj[...][idx], "down_proj": moe.down_proj[...][idx]})
     for name in ("shared_experts", "fc1_latent_proj", "fc2_latent_proj"):
         setattr(child, name, None if getattr(moe, name) is None else nnx.clone(getattr(moe, name)))
+    _copy_from(child, {"gate_weight": moe.gate_weight[...][:, idx], "correction_bias": moe.correction_bias[...][idx],
+                       "up_proj": moe.up_proj[...][idx], "down_proj": moe.down_proj[...][idx]})
     return spec, child
 
 
@@ -252,7 +269,7 @@ def fit_linear(block, x, *, bias: bool = True) -> tuple[LinearSpec, LinearMixer]
         inputs = np.concatenate([inputs, np.ones((inputs.shape[0], 1))], axis=1)
     solution = np.linalg.lstsq(inputs, targets, rcond=None)[0]
     dtype = block.norm.weight[...].dtype
-    child = LinearMixer(LinearSpec(bias=bias), d, std=1.0, dtype=dtype, rngs=nnx.Rngs(0))
+    child = _shell(lambda: LinearMixer(LinearSpec(bias=bias), d, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
     values = {"linear.kernel": jnp.asarray(solution[:d], dtype)}
     if bias:
         values["linear.bias"] = jnp.asarray(solution[d], dtype)
