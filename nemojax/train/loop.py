@@ -76,12 +76,13 @@ def init_state(tc: TrainConfig, model: HybridLM):
 
 
 def load_weights(model: HybridLM, source: HybridLM) -> None:
-    """Set `model`'s weights (and router correction biases) to `source`'s, cast to `model`'s dtypes: a
-    bf16 source still trains with fp32 master weights. Both must be built from the same config."""
+    """Set `model`'s weights (and router correction biases) to copies of `source`'s, cast to `model`'s
+    dtypes: a bf16 source still trains with fp32 master weights, and the train step, which donates its
+    state, never deletes the source's arrays. Both must be built from the same config."""
     if source.cfg != model.cfg:
         raise ValueError("initial_model: its config differs from the model being trained")
     keep = nnx.Not(nnx.Intermediate)  # sown MoE statistics are not weights
-    nnx.update(model, jax.tree.map(lambda t, v: jnp.asarray(v, t.dtype), nnx.state(model, keep),
+    nnx.update(model, jax.tree.map(lambda t, v: jnp.array(v, t.dtype, copy=True), nnx.state(model, keep),
                                    nnx.state(source, keep)))
 
 
