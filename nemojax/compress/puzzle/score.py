@@ -353,8 +353,8 @@ _STEPS = {"prefill": 2, "decode": 16}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
-def _run_steps(graphdef, params_, rest, x, pos, cache, steps):
-    block = nnx.merge(graphdef, params_, rest)
+def _run_steps(graphdef, weights, rest, x, pos, cache, steps):
+    block = nnx.merge(graphdef, weights, rest)
 
     def body(carry, _):
         y, c = block(*carry, pos)
@@ -369,8 +369,8 @@ def latency(block: Block, hidden: int, *, batch: int, seq_len: int, dtype, ssm_d
     "prefill" ([batch, seq_len] tokens into an empty cache of seq_len) and "decode" (one token per
     sequence at position seq_len - 1). The median of `repeats` timed runs after a compiling one."""
     _check_positive(batch=batch, seq_len=seq_len, repeats=repeats)
-    graphdef, params_, rest = nnx.split(block, nnx.Param, ...)
-    params_ = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params_)
+    graphdef, weights, rest = nnx.split(block, nnx.Param, ...)
+    weights = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, weights)
     out = {}
     for phase in PHASES:
         length, pos = (seq_len, 0) if phase == "prefill" else (1, seq_len - 1)
@@ -379,7 +379,7 @@ def latency(block: Block, hidden: int, *, batch: int, seq_len: int, dtype, ssm_d
         times = []
         for i in range(repeats + 1):
             start = time.perf_counter()
-            y, cache = _run_steps(graphdef, params_, rest, x, jnp.int32(pos), cache, _STEPS[phase])
+            y, cache = _run_steps(graphdef, weights, rest, x, jnp.int32(pos), cache, _STEPS[phase])
             jax.block_until_ready((y, cache))
             if i:  # the first run compiles
                 times.append((time.perf_counter() - start) / _STEPS[phase])
@@ -406,7 +406,6 @@ def candidate_costs(parent, candidates: dict, *, batch: int, seq_len: int, dtype
     timed: dict = {}
     out = {}
     for key, (layer, spec, module) in tqdm(rows.items(), desc="candidate costs", disable=not progress):
-        block = candidate_block(parent, layer, spec, module)
         row = {"params": params(spec, hidden), "memory": memory(spec, hidden, **kw),
                "experts": spec.num_experts if isinstance(spec, MoESpec) else 0}
         for phase in PHASES:
@@ -414,7 +413,8 @@ def candidate_costs(parent, candidates: dict, *, batch: int, seq_len: int, dtype
         if measure:
             if spec not in timed:  # a no-op runs no code: timing it would time the loop around it
                 timed[spec] = (dict.fromkeys(PHASES, 0.0) if isinstance(spec, NoOpSpec)
-                               else latency(block, hidden, repeats=repeats, **kw))
+                               else latency(candidate_block(parent, layer, spec, module), hidden, repeats=repeats,
+                                            **kw))
             row |= {f"{phase}_latency": timed[spec][phase] for phase in PHASES}
         out[key] = row
     return out
