@@ -237,3 +237,17 @@ def test_candidate_costs_cover_the_parent_layers_and_measure_latency():
             value = row[f"{phase}_latency"]
             assert math.isfinite(value) and (value > 0) == (key != "0:noop"), (key, phase, value)
     assert costs["1:attn_kv1"]["memory"] < costs["1:parent"]["memory"]
+
+
+def test_compare_equals_numpy_formulas_for_a_child_that_differs_in_every_layer(parent):
+    batches = batches_of(parent.cfg.vocab_size, seed=3)
+    child = parent.replace_layers({0: (NoOpSpec(), None), 1: library.prune_mlp(parent.layers[1].mixer, np.arange(64)),
+                                   2: (NoOpSpec(), None), 3: library.sliding_window(parent.layers[3].mixer, 3),
+                                   4: library.prune_mlp(parent.layers[4].mixer, np.arange(32, 96))})
+    got = score.compare(parent, child, batches)
+    ref, n = numpy_scores(child, parent, batches)
+    assert got["tokens"] == n and got["kl"] > 1e-3
+    for name in ("kl", "lm_loss", "cosine"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=2e-4, atol=1e-7, err_msg=name)
+    assert abs(got["accuracy"] - ref["accuracy"]) <= 1 / n
+    assert score.compare(parent, parent, batches)["kl"] == 0.0

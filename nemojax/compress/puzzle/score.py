@@ -174,6 +174,25 @@ def replace_one_scores(parent, candidates: dict, batches, *, progress: bool = Tr
     return out
 
 
+@nnx.jit
+def _whole(model, inputs):
+    h = model.norm_f(model.layer_states(inputs)[-1])
+    return model.logits(h), h
+
+
+def compare(parent, child, batches) -> dict[str, float]:
+    """The whole `child` against `parent` on `batches`: the same means as `replace_one_scores` (KL(parent
+    || child), the child's LM loss and accuracy, cosine distance of the final hidden state), for a child
+    that may differ from the parent in every layer."""
+    data = _check_batches(batches)
+    sums = []
+    for inputs, targets in data:
+        ref_logits, ref_h = _whole(parent, jnp.asarray(inputs))
+        logits, h = _whole(child, jnp.asarray(inputs))
+        sums.append(_score_sums(logits, h, ref_logits, ref_h, jnp.asarray(targets)))
+    return _means(sums)
+
+
 def _encode(v):
     """JSON has no NaN or infinity: non-finite floats are written as the strings 'nan', 'inf', '-inf'."""
     if isinstance(v, dict):
