@@ -3,6 +3,7 @@ in plain JAX: the reference the other implementations are tested against."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -16,6 +17,15 @@ def visible_keys(q_pos, k_pos, sliding_window=None):
     return visible
 
 
+def _dot_operands(*xs):
+    """XLA's CPU dot has no bf16 x bf16 -> fp32 kernel for every layout (a cached decode step at batch
+    > 1 raised UNIMPLEMENTED); a product of two bf16 values is exact in fp32, so upcasting first gives
+    the same sums. Other backends take the bf16 operands as they are."""
+    if jax.default_backend() != "cpu":
+        return xs
+    return tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in xs)
+
+
 def attention(q, k, v, q_pos, k_pos, sliding_window=None):
     """softmax(q k^T / sqrt(Dh) + mask) v with GQA; the mask is `visible_keys`.
 
@@ -27,10 +37,10 @@ def attention(q, k, v, q_pos, k_pos, sliding_window=None):
     b, l, hq, dh = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, l, hkv, hq // hkv, dh)
-    s = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * dh ** -0.5
+    s = jnp.einsum("blkgd,bskd->bkgls", *_dot_operands(qg, k), preferred_element_type=jnp.float32) * dh ** -0.5
     s = jnp.where(visible_keys(q_pos, k_pos, sliding_window)[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
-    o = jnp.einsum("bkgls,bskd->blkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgls,bskd->blkgd", *_dot_operands(p.astype(v.dtype), v), preferred_element_type=jnp.float32)
     return o.reshape(b, l, hq, dh).astype(q.dtype)
