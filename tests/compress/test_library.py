@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
-from nemojax.config import LinearSpec, MambaSpec, MLPSpec, MoESpec
+from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, MoESpec, NoOpSpec, from_pattern
+from nemojax.compress import experts
 from nemojax.compress.puzzle import library
 from nemojax.nn.ffn import MoE
 from nemojax.nn.mamba import Mamba2Mixer
@@ -215,3 +216,167 @@ def test_attention_as_linear_equals_attention_attending_only_to_itself(parent):
     _, itself = library.sliding_window(attn, 1)
     np.testing.assert_allclose(jit_call(linear, x), jit_call(itself, x), rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(np.asarray(jit_call(linear, x)) - np.asarray(jit_call(attn, x)))) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ the table
+@pytest.fixture(scope="module")
+def table():
+    """A parent with one layer of each kind (Mamba heads in 2 groups, attention with 4 KV heads, an MoE
+    with a shared expert), its calibration tokens, per-layer inputs and default library."""
+    cfg = from_pattern("M-*E", vocab_size=64, hidden_size=32, mlp=MLPSpec(40, bias=True),
+                       mamba=MambaSpec(num_heads=4, head_dim=8, n_groups=2, state_size=8, chunk_size=8),
+                       attention=AttentionSpec(num_heads=4, num_kv_heads=4, head_dim=8),
+                       moe=MoESpec(num_experts=8, top_k=2, intermediate_size=16, shared_intermediate_size=16,
+                                   routed_scaling_factor=2.0))
+    model = scaled(nj.HybridLM(cfg, rngs=nnx.Rngs(0)))
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+    states = nnx.jit(lambda m, t: m.layer_states(t))(model, tokens)
+    return model, tokens, states, library.build_library(model, tokens)
+
+
+def test_library_holds_each_kinds_options_ranked_on_the_parent(table):
+    model, _, states, lib = table
+    names = {}
+    for c in lib:
+        names.setdefault(c.layer, []).append(c.name)
+    # Mamba: 75% = 3 heads cannot be the same number from each of the 2 groups kept
+    assert names[0] == ["parent", "mamba_h50", "linear", "noop"]
+    assert names[1] == ["parent", "mlp_w88", "mlp_w75", "mlp_w50", "mlp_w25", "mlp_w10", "linear", "noop"]
+    assert names[2] == ["parent", "attn_kv2", "attn_kv1", "attn_win8", "attn_win4", "attn_win2", "linear", "noop"]
+    by_key = {c.key: c for c in lib}
+    assert [by_key[f"1:mlp_w{p}"].spec.intermediate_size for p in (88, 75, 50, 25, 10)] == [35, 30, 20, 10, 4]
+    assert by_key["2:linear"].recipe == {"op": "linear_vo"} and by_key["1:linear"].recipe == {"op": "linear_fit"}
+    h = [np.asarray(model.layers[i].norm(states[i]), np.float64).reshape(-1, 32) for i in range(4)]
+
+    def top_channels(mlp, x, n):  # mean |relu(x W_up + b)^2| times ||row of W_down||, largest n
+        up, down = mlp.up_proj, mlp.down_proj
+        b = 0 if up.bias is None else np.asarray(up.bias[...])
+        c = np.abs(np.maximum(x @ np.asarray(up.kernel[...]) + b, 0) ** 2).mean(0) * np.linalg.norm(
+            np.asarray(down.kernel[...]), axis=1)
+        return sorted(np.argsort(-c)[:n].tolist())
+
+    assert by_key["1:mlp_w50"].recipe == {"op": "mlp_channels", "keep": top_channels(model.layers[1].mixer, h[1], 20)}
+    moe = model.layers[3].mixer
+    assert by_key["3:moe_shared50"].recipe["keep"] == top_channels(moe.shared_experts, h[3], 8)
+    moe_input = model.layers[3].norm(states[3])
+    removal = experts.removal_error(moe, moe_input)
+    rcv = experts.ranked_choice(experts.router_preferences(moe, moe_input), 2)
+    want = {"parent": None, "moe_top1": None, "moe_shared50": None, "linear": None, "noop": None}
+    for p, n in ((75, 6), (50, 4), (25, 2)):
+        want[f"moe_e{p}_rcv"] = sorted(rcv[:n].tolist())
+        want[f"moe_e{p}_rem"] = sorted(np.argsort(-removal)[:n].tolist())
+    for name in [n for n in want if n.endswith("_rem")]:  # a ranking that keeps what the other keeps is there once
+        if want[name] == want[name.replace("_rem", "_rcv")]:
+            del want[name]
+    assert sorted(names[3]) == sorted(want)
+    for name, keep in want.items():
+        if keep is not None:
+            assert by_key[f"3:{name}"].recipe == {"op": "experts", "keep": keep}
+            assert by_key[f"3:{name}"].spec == dataclasses.replace(moe.spec, num_experts=len(keep))
+    assert by_key["3:moe_top1"].spec.top_k == 1 and by_key["3:moe_shared50"].spec.shared_intermediate_size == 8
+
+
+logits_of = nnx.jit(lambda m, t: m(t))
+
+
+def test_parent_and_whole_recipes_rebuild_the_parent_exactly(table):
+    model, tokens, states, lib = table
+    parents = [c for c in lib if c.name == "parent"]
+    assert [c.layer for c in parents] == [0, 1, 2, 3]
+    whole = {i: library.materialize(model, c)[1:] for i, c in enumerate(parents)}
+    np.testing.assert_array_equal(logits_of(model.replace_layers(whole), tokens), logits_of(model, tokens))
+    s = model.cfg.layers
+    everything = [library.Candidate(0, "mamba_h100", s[0], {"op": "mamba_heads", "keep": [0, 1, 2, 3]}),
+                  library.Candidate(1, "mlp_w100", s[1], {"op": "mlp_channels", "keep": list(range(40))}),
+                  library.Candidate(2, "attn_kv4", s[2], {"op": "kv_heads", "num_kv_heads": 4}),
+                  library.Candidate(3, "moe_e100", s[3], {"op": "experts", "keep": list(range(8))}),
+                  library.Candidate(3, "moe_top2", s[3], {"op": "top_k", "top_k": 2}),
+                  library.Candidate(3, "moe_shared100", s[3], {"op": "shared_channels", "keep": list(range(16))})]
+    built = [library.materialize(model, c) for c in everything]
+    first = model.replace_layers({i: (spec, m) for i, spec, m in built[:4]})
+    np.testing.assert_array_equal(logits_of(first, tokens), logits_of(model, tokens))
+    for _, spec, module in built[4:]:
+        np.testing.assert_array_equal(logits_of(model.replace_layers({3: (spec, module)}), tokens),
+                                      logits_of(model, tokens))
+
+
+def test_every_candidate_plugs_into_the_parent_and_runs(table):
+    model, tokens, states, lib = table
+    per_op = {}  # layer -> {op: its first candidate, materialised}
+    for c in lib:
+        layer, spec, module = library.materialize(model, c, layer_input=states[c.layer])
+        assert model.replace_layers({layer: (spec, module)}).cfg.layers[layer] == c.spec  # replace_layers checks shapes
+        per_op.setdefault(layer, {}).setdefault(c.recipe["op"], (spec, module))
+    _, _, fitted = library.materialize(model, next(c for c in lib if c.key == "1:linear"), states[1])
+    np.testing.assert_array_equal(fitted.linear.kernel[...], library.fit_linear(model.layers[1], states[1])[1]
+                                  .linear.kernel[...])
+    base = logits_of(model, tokens[:1, :8])
+    options = {i: list(ops.values()) for i, ops in per_op.items()}
+    for j in range(max(len(v) for v in options.values())):  # child j: construction j (cyclically) in every layer
+        child = model.replace_layers({i: v[j % len(v)] for i, v in options.items()})
+        out = np.asarray(logits_of(child, tokens[:1, :8]))
+        assert out.shape == base.shape and np.all(np.isfinite(out))
+
+
+def test_library_round_trips_through_json_and_restricts(table, tmp_path):
+    model, _, _, lib = table
+    meta = {"parent": "a run", "tokens": 32}
+    library.save_library(tmp_path / "library.json", lib, meta)
+    loaded, loaded_meta = library.load_library(tmp_path / "library.json", parent=model)
+    assert loaded == lib and loaded_meta == meta
+    assert library.load_library(tmp_path / "library.json")[0] == lib
+    noop_only = library.restrict(lib, kinds={"noop"})
+    assert [c.key for c in noop_only] == ["0:parent", "0:noop", "1:parent", "1:noop", "2:parent", "2:noop",
+                                          "3:parent", "3:noop"]
+    layer_2 = library.restrict(lib, layers=[2])
+    assert [c.key for c in layer_2] == ["0:parent", "1:parent"] + [c.key for c in lib if c.layer == 2] + ["3:parent"]
+    attn_on_2 = library.restrict(lib, kinds=["attention", "linear"], layers=[2, 3])
+    assert {c.key for c in attn_on_2 if c.name != "parent"} == {
+        "2:attn_kv2", "2:attn_kv1", "2:attn_win8", "2:attn_win4", "2:attn_win2", "2:linear", "3:linear"}
+    with pytest.raises(ValueError, match="layer kinds from mamba"):
+        library.restrict(lib, kinds=["conv"])
+    with pytest.raises(ValueError, match=r"layer indices from \[0, 1, 2, 3\]"):
+        library.restrict(lib, layers=[4])
+
+
+def test_bad_library_entries_name_the_layer_and_candidate(table, tmp_path):
+    import json
+
+    model, _, states, lib = table
+    path = tmp_path / "library.json"
+    library.save_library(path, lib, {})
+    good = json.loads(path.read_text())
+
+    def load_with(n, **change):
+        d = json.loads(json.dumps(good))
+        d["candidates"][n].update(change)
+        path.write_text(json.dumps(d))
+        return library.load_library(path, parent=model)
+
+    n = next(i for i, c in enumerate(lib) if c.key == "1:mlp_w50")
+    with pytest.raises(ValueError, match=r"'1:mlp_w50' \(layer 1\).*unknown layer kind 'conv'"):
+        load_with(n, spec={"kind": "conv"})
+    with pytest.raises(ValueError, match=r"'1:mlp_w50' \(layer 1\).*distinct indices in \[0, 40\)"):
+        load_with(n, recipe={"op": "mlp_channels", "keep": [3, 40]})
+    with pytest.raises(ValueError, match=r"'1:mlp_w50' \(layer 1\).*builds MLPSpec\(intermediate_size=20"):
+        load_with(n, spec={"kind": "mlp", "intermediate_size": 21, "bias": True})
+    with pytest.raises(ValueError, match=r"'0:mlp_w50' \(layer 0\).*applies to mlp layers; parent layer 0 is 'mamba'"):
+        load_with(n, layer=0)
+    with pytest.raises(ValueError, match=r"'9:mlp_w50' \(layer 9\).*out of range for a parent of 4 layers"):
+        load_with(n, layer=9)
+    with pytest.raises(ValueError, match=r"'1:mlp_w50' \(layer 1\).*'op' is one of parent"):
+        load_with(n, recipe={"op": "prune"})
+    with pytest.raises(ValueError, match=r"'1:mlp_w50' \(layer 1\).*makes a 'noop' layer"):
+        load_with(n, recipe={"op": "noop"})
+    with pytest.raises(ValueError, match=r"\['1:mlp_w25'\] appear more than once"):
+        load_with(n, name="mlp_w25")
+    fit = next(c for c in lib if c.key == "3:linear")
+    with pytest.raises(ValueError, match=r"'3:linear' \(layer 3\).*needs the layer's inputs.*states\(tokens\)\[3\]"):
+        library.materialize(model, fit)
+    with pytest.raises(ValueError, match=r"'2:kv3' \(layer 2\).*positive divisor of the parent's 4"):
+        library.materialize(model, library.Candidate(2, "kv3", model.cfg.layers[2],
+                                                     {"op": "kv_heads", "num_kv_heads": 3}))
+    with pytest.raises(ValueError, match=r"'0:parent' \(layer 0\).*makes a 'mamba' layer, but the spec is NoOpSpec"):
+        library.materialize(model, library.Candidate(0, "parent", NoOpSpec(), {"op": "parent"}))
+    with pytest.raises(ValueError, match="unknown option"):
+        library.build_library(model, states[0][:, :4, 0].astype(jnp.int32), options={"widths": (50,)})
