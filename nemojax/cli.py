@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import typing
@@ -140,6 +141,116 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _csv(cast):
+    def parse(text: str):
+        try:
+            return [cast(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {cast.__name__}; got {text!r}")
+    return parse
+
+
+def _budgets(items: list[str]) -> dict:
+    from nemojax.compress.puzzle import BUDGETS
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in BUDGETS:
+            raise ValueError(f"--budget: expected NAME=VALUE with NAME one of {', '.join(BUDGETS)}; got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--budget {name}: {value!r} is not a number") from None
+    return out
+
+
+def cmd_puzzle(args) -> int:
+    from nemojax.compress.puzzle import pipeline as pz
+
+    d, stage = args.dir, args.stage
+    for flag, stages in (("parent", ("run",)), ("search", ("assemble",)), ("child", ("distill",))):
+        if stage in stages and getattr(args, flag) is None:
+            raise ValueError(f"--{flag}: required by `nemojax puzzle {stage}`")
+    if stage in ("library", "run"):
+        path = pz.run_library(d, args.parent, kinds=args.kinds, layers=args.layers,
+                              calibration_batches=args.calibration_batches)
+        print(f"library  {path}")
+    if stage in ("bld", "run"):
+        record = pz.run_bld(d, tokens=args.bld_tokens, lr=args.bld_lr)
+        trained = [k for k, r in record.items() if r["status"] == "trained"]
+        print(f"bld      {len(trained)} candidates trained ({d}/bld/bld.json)")
+    if stage in ("score", "run"):
+        path = pz.run_score(d, eval_batches=args.eval_batches, batch_sizes=args.batch_sizes, dtype=args.dtype,
+                            measure=not args.no_measure, gpu=args.gpu)
+        print(f"scores   {path} (and scores.png)")
+    name = None
+    if stage in ("search", "run"):
+        budgets = _budgets(args.budget)
+        path = pz.run_search(d, budgets, name=args.name, objective=args.objective, relative=not args.absolute,
+                             k=args.k, latency=args.latency)
+        name = path.stem
+        best = json.loads(path.read_text())["mip"][0]
+        print(f"search   {path}: batch {best['batch_size']}, {args.objective} {best['score']:.4g}")
+        for key in best["keys"]:
+            print(f"           {key}")
+    if stage in ("assemble", "run"):
+        child = pz.run_assemble(d, name or args.search, which=args.which, index=args.index)
+        print(f"child    {child}")
+        name = child.name
+    if stage in ("distill", "run"):
+        s = pz.run_distill(d, name or args.child, steps=args.distill_steps, lr=args.distill_lr, lm=args.lm)
+        kl = s.get("kl_to_parent", {})
+        print("distill  " + ", ".join(f"KL to parent {k} {v:.4f}" for k, v in kl.items()))
+    return 0
+
+
+def _add_puzzle(sub) -> None:
+    p = sub.add_parser("puzzle", help="Puzzle: compress a trained run (library, bld, score, search, assemble, "
+                                      "distill, or all of them with `run`)")
+    p.add_argument("stage", choices=("library", "bld", "score", "search", "assemble", "distill", "run"),
+                   help="the stage to run on DIR (each reads the outputs of the stages before it)")
+    p.add_argument("dir", help="the Puzzle directory (created by the library stage)")
+    g = p.add_argument_group("library")
+    g.add_argument("--parent", help="run directory of the parent (`nemojax train --out-dir`); library and run")
+    g.add_argument("--kinds", type=_csv(str), default=None,
+                   help="candidate kinds to offer, e.g. mlp,noop (default: all)")
+    g.add_argument("--layers", type=_csv(int), default=None, help="parent layers that may change (default: all)")
+    g.add_argument("--calibration-batches", type=_positive_int, default=4,
+                   help="training batches that rank channels, heads and experts (default: 4)")
+    g = p.add_argument_group("bld")
+    g.add_argument("--bld-tokens", type=_positive_int, default=200_000, help="tokens per candidate (default: 200000)")
+    g.add_argument("--bld-lr", type=float, default=1e-3, help="BLD learning rate (default: 1e-3)")
+    g = p.add_argument_group("score")
+    g.add_argument("--eval-batches", type=_positive_int, default=4, help="held-out batches (default: 4)")
+    g.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="batch sizes of the costs (default: 1,8)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the memory, roofline and timed latency (default: float32)")
+    g.add_argument("--no-measure", action="store_true", help="skip timing the layers (roofline estimates only)")
+    g.add_argument("--gpu", default="H100", help="GPU of the roofline estimate: H100, H200, A100 (default: H100)")
+    g = p.add_argument_group("search")
+    g.add_argument("--budget", action="append", default=[], metavar="NAME=VALUE",
+                   help="a budget, repeatable: params, experts, memory, decode_latency, prefill_latency, "
+                        "throughput; a fraction of the parent's (e.g. decode_latency=0.5) unless --absolute")
+    g.add_argument("--absolute", action="store_true", help="budgets in absolute units (bytes, seconds, tokens/s)")
+    g.add_argument("--objective", default="kl", choices=("kl", "lm_loss", "cosine", "accuracy"),
+                   help="the replace-one score summed over layers (default: kl)")
+    g.add_argument("--latency", default="measured", choices=("measured", "roofline"),
+                   help="latency budgets bound the times measured here or the GPU roofline (default: measured)")
+    g.add_argument("--k", type=_positive_int, default=1, help="diverse solutions to find (default: 1)")
+    g.add_argument("--name", default=None, help="name of the search (default: from the budgets)")
+    g = p.add_argument_group("assemble")
+    g.add_argument("--search", help="the search to assemble (its --name)")
+    g.add_argument("--which", default="mip", help="mip, or a baseline: greedy, max_params, noop_only, uniform")
+    g.add_argument("--index", type=int, default=0, help="which of the k MIP solutions (default: 0)")
+    g = p.add_argument_group("distill")
+    g.add_argument("--child", help="the child to distil (a directory name under DIR/child)")
+    g.add_argument("--distill-steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
+    g.add_argument("--distill-lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    g.add_argument("--lm", action="store_true", help="add the LM loss to cosine + KL")
+    p.set_defaults(func=cmd_puzzle)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nemojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +287,8 @@ def main(argv=None) -> int:
                         "not allowed at --temperature 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=cmd_generate)
+
+    _add_puzzle(sub)
 
     args = parser.parse_args(argv)
     try:

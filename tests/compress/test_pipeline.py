@@ -1,0 +1,62 @@
+"""`nemojax puzzle run` end to end on a tiny trained parent: every stage writes what the next reads, and
+the child it builds has the parameters the search's cost table promised (param_counts, independently)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nemojax.cli import main
+from nemojax.io.hf import load_pretrained
+from nemojax.nn.model import param_counts
+from nemojax.train import TrainConfig, train
+
+
+def layer_params(cfg):
+    c = param_counts(cfg)
+    return c["total"] - c["embedding"] - c["lm_head"] - cfg.hidden_size  # less the final norm's weight
+
+
+@pytest.fixture(scope="module")
+def parent_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parent")
+    train(TrainConfig(preset="tiny-hybrid", seq_len=32, batch_size=4, steps=4, eval_batches=1, eval_every=4,
+                      save_every=4, log_every=2, sample_tokens=0, out_dir=str(out)), quiet=True)
+    return out
+
+
+def test_run_builds_a_child_within_the_budget(parent_run, tmp_path, capsys):
+    d = tmp_path / "pz"
+    rc = main(["puzzle", "run", str(d), "--parent", str(parent_run), "--kinds", "mlp,mamba,noop",
+               "--calibration-batches", "1", "--bld-tokens", "256", "--eval-batches", "1", "--batch-sizes", "1",
+               "--no-measure", "--budget", "params=0.6", "--name", "p60", "--distill-steps", "2"])
+    assert rc == 0
+    found = json.loads((d / "search" / "p60.json").read_text())
+    best = found["mip"][0]
+    assert best["relative"]["params"] <= 0.6 + 1e-9
+    child = load_pretrained(d / "child" / "p60", progress=False)
+    parent_cfg = json.loads((d / "puzzle.json").read_text())["parent"]
+    from nemojax.train.loop import load_run
+
+    _, parent, _ = load_run(parent_cfg)
+    assert layer_params(child.cfg) == best["costs"]["params"]
+    assert best["relative"]["params"] == pytest.approx(layer_params(child.cfg) / layer_params(parent.cfg))
+    assert [s.kind for s in child.cfg.layers] != [s.kind for s in parent.cfg.layers] or \
+        child.cfg.layers != parent.cfg.layers  # the budget forced a change
+    summary = json.loads((d / "distill" / "p60" / "summary.json").read_text())
+    assert summary["step"] == 2 and np.isfinite(summary["kl_to_parent"]["final"])
+    assert set(found["baselines"]) == {"greedy", "max_params", "noop_only", "uniform"}
+    out = capsys.readouterr().out
+    assert "search" in out and "child" in out and "KL to parent" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["puzzle", "assemble", "DIR"], "--search: required"),
+    (["puzzle", "search", "DIR", "--budget", "speed=0.5"], "NAME one of"),
+    (["puzzle", "score", "DIR"], "not a Puzzle directory"),
+])
+def test_puzzle_cli_errors_name_the_flag(argv, needle, tmp_path, capsys):
+    argv = [str(tmp_path / "none") if a == "DIR" else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
