@@ -53,14 +53,31 @@ def make_dataset(tc: TrainConfig, split: str = "train"):
     return data_mod.make_dataset(tc.data, seq_len=tc.seq_len, batch_size=tc.batch_size, seed=tc.seed, **opts)
 
 
-def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None, mesh=None) -> HybridLM:
+def load_weights(model: HybridLM, source: HybridLM) -> None:
+    """Set `model`'s weights (and router correction biases) to copies of `source`'s, cast to `model`'s
+    dtypes: a bf16 source still trains with fp32 master weights, and the train step, which donates its
+    state, never deletes the source's arrays. Both must be built from the same config."""
+    if source.cfg != model.cfg:
+        raise ValueError("initial_model: its config differs from the model being trained")
+    keep = nnx.Not(nnx.Intermediate)  # sown MoE statistics are not weights
+    nnx.update(model, jax.tree.map(lambda t, v: jnp.array(v, t.dtype, copy=True), nnx.state(model, keep),
+                                   nnx.state(source, keep)))
+
+
+def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None, mesh=None,
+                weights: HybridLM | None = None) -> HybridLM:
     """The preset's model (or `model_config`'s, which overrides the preset), set up for training; on a
-    `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch)."""
+    `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch). Its
+    weights are a fresh init, or copies of `weights`'s (a model of the same config; see `load_weights`)."""
     cfg = model_config or presets.get(tc.preset)
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"model {cfg.name or tc.preset!r} has vocab_size {cfg.vocab_size} < the dataset's "
                          f"{vocab_size}; pick a model with a larger vocabulary or a dataset with a smaller one")
-    model = HybridLM(cfg, rngs=nnx.Rngs(tc.seed))
+    if weights is None:
+        model = HybridLM(cfg, rngs=nnx.Rngs(tc.seed))
+    else:  # shapes only, then filled: an init that is overwritten costs seconds per new shape on a CPU
+        model = nnx.eval_shape(lambda: HybridLM(cfg, rngs=nnx.Rngs(tc.seed)))
+        load_weights(model, weights)
     expert_parallel = mesh is not None and mesh.shape["expert"] > 1
     configure_moe(model, implementation=tc.moe_implementation, capacity_factor=tc.capacity_factor,
                   collect_stats=True, expert_mesh=mesh if expert_parallel else None)
@@ -73,17 +90,6 @@ def init_state(tc: TrainConfig, model: HybridLM):
     tx = make_optimizer(tc)
     state = {"params": params, "rest": rest, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     return graphdef, tx, state
-
-
-def load_weights(model: HybridLM, source: HybridLM) -> None:
-    """Set `model`'s weights (and router correction biases) to copies of `source`'s, cast to `model`'s
-    dtypes: a bf16 source still trains with fp32 master weights, and the train step, which donates its
-    state, never deletes the source's arrays. Both must be built from the same config."""
-    if source.cfg != model.cfg:
-        raise ValueError("initial_model: its config differs from the model being trained")
-    keep = nnx.Not(nnx.Intermediate)  # sown MoE statistics are not weights
-    nnx.update(model, jax.tree.map(lambda t, v: jnp.array(v, t.dtype, copy=True), nnx.state(model, keep),
-                                   nnx.state(source, keep)))
 
 
 def merged(graphdef, state) -> HybridLM:
@@ -186,9 +192,7 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
     if not tc.skip_memory_check:
         memory.check(memory.estimate(tc, model_config, state_like, mesh), memory.available())
 
-    model = build_model(tc, ds.vocab_size, model_config, mesh)
-    if initial_model is not None and latest is None:
-        load_weights(model, initial_model)
+    model = build_model(tc, ds.vocab_size, model_config, mesh, weights=initial_model)  # a checkpoint overrides it
     graphdef, tx, state = init_state(tc, model)
     if mesh is None:
         grad_shardings, to_device = None, lambda b: jax.tree.map(jnp.asarray, b)
