@@ -1,7 +1,9 @@
-"""Global distillation of a Puzzle child: the GKD loss against NumPy, a child that is the parent at zero
-loss, a distillation run on the trainer that lowers the loss and resumes bit for bit, and a heterogeneous
-child that round-trips through save_pretrained / load_pretrained."""
+"""Assembly and global distillation of a Puzzle child: the GKD loss against NumPy, a child that is the
+parent at zero loss, a distillation run on the trainer that lowers the loss and resumes bit for bit, and
+an assembled heterogeneous child (recipes and BLD weights) that round-trips through save_pretrained /
+load_pretrained."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,9 +13,9 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
-from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, NoOpSpec, from_pattern
+from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, NoOpSpec, from_pattern
+from nemojax.compress.puzzle import assemble, bld, library
 from nemojax.compress.puzzle import distill as gkd
-from nemojax.compress.puzzle import library
 from nemojax.train import TrainConfig, loop
 from testutils import interrupt_at
 
@@ -141,11 +143,60 @@ def test_distillation_lowers_the_loss_and_resumes_bit_for_bit(parent, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_heterogeneous_child_round_trips_through_save_pretrained(parent, tmp_path):
-    child = heterogeneous_child(parent)
+def library_entries():
+    mlp, attn = CFG.layers[1], CFG.layers[2]
+    return [library.Candidate(0, "noop", NoOpSpec(), {"op": "noop"}),
+            library.Candidate(0, "parent", CFG.layers[0], {"op": "parent"}),
+            library.Candidate(1, "mlp_w50", dataclasses.replace(mlp, intermediate_size=32),
+                              {"op": "mlp_channels", "keep": list(range(0, 64, 2))}),
+            library.Candidate(2, "attn_kv1", dataclasses.replace(attn, num_kv_heads=1),
+                              {"op": "kv_heads", "num_kv_heads": 1}),
+            library.Candidate(3, "parent", CFG.layers[3], {"op": "parent"}),
+            library.Candidate(3, "linear", LinearSpec(), {"op": "linear_fit"})]
+
+
+def test_an_assembled_heterogeneous_child_round_trips_through_save_pretrained(parent, tmp_path):
+    """assemble_from_dirs builds the child that replace_layers builds from the same recipes, with the
+    BLD-trained weights of the candidates BLD trained; saved and loaded, it gives the same logits."""
+    keys = ["3:parent", "0:noop", "1:mlp_w50", "2:attn_kv1"]
+    inputs = jnp.asarray(loop.make_dataset(TC).batch(0)["inputs"])
+    child, record = assemble.assemble_from_dirs(parent, keys, library_entries(), None, out_dir=tmp_path / "child")
     assert [s.kind for s in child.cfg.layers] == ["noop", "mlp", "attention", "mlp"]
-    nj.save_pretrained(child, tmp_path / "child")
+    assert record["keys"] == ["0:noop", "1:mlp_w50", "2:attn_kv1", "3:parent"] and record["source"] == ["noop", "recipe", "recipe", "parent"]
+    assert record["params"] == {"parent": nj.param_counts(CFG)["total"], "child": nj.param_counts(child.cfg)["total"]}
+    np.testing.assert_array_equal(logits_of(child, inputs), logits_of(heterogeneous_child(parent), inputs))
     loaded = nj.load_pretrained(tmp_path / "child", progress=False)
     assert loaded.cfg == child.cfg
-    inputs = jnp.asarray(loop.make_dataset(TC).batch(0)["inputs"])
     np.testing.assert_array_equal(logits_of(loaded, inputs), logits_of(child, inputs))
+    assert json.loads((tmp_path / "child" / assemble.ASSEMBLY_NAME).read_text()) == record
+
+    entries = {c.key: library.materialize(parent, c) for c in library_entries()[2:4]}
+    bld.run_bld(parent, {"1:mlp_w50": entries["1:mlp_w50"]}, loop.make_dataset(TC), tmp_path / "bld", tokens=64,
+                lr=1e-2, progress=False)
+    child, record = assemble.assemble_from_dirs(parent, keys, library_entries(), tmp_path / "bld")
+    assert record["source"] == ["noop", "bld", "recipe", "parent"]
+    trained = bld.load_trained(tmp_path / "bld", "1:mlp_w50", entries["1:mlp_w50"][2])
+    np.testing.assert_array_equal(child.layers[1].mixer.up_proj.kernel[...], trained.up_proj.kernel[...])
+    assert not np.array_equal(trained.up_proj.kernel[...], library.materialize(parent, library_entries()[2])[2]
+                              .up_proj.kernel[...])
+
+
+def test_assembly_errors_name_the_key_or_layer(parent):
+    entries = library_entries()
+    for keys, match in ((["0:noop", "1:mlp_w50", "2:attn_kv1", "3:mlp_w10"], "'3:mlp_w10' is not in the library"),
+                        (["0:noop", "0:parent", "1:mlp_w50", "2:attn_kv1", "3:parent"], "layer 0 is chosen twice"),
+                        (["0:noop", "1:mlp_w50", "3:parent"], r"no candidate for layers \[2\]"),
+                        (["0:noop", "1:mlp_w50", "2:attn_kv1", "3:linear"], r"tokens: .* layers \[3\]")):
+        with pytest.raises(ValueError, match=match):
+            assemble.assemble_from_dirs(parent, keys, entries)
+
+
+def test_distill_errors_name_the_argument(parent, tmp_path):
+    with pytest.raises(ValueError, match="train_config: required"):
+        gkd.distill(parent, parent, tmp_path / "a", steps=2, lr=1e-3)
+    shallow = nnx.eval_shape(lambda: nj.HybridLM(from_pattern("M-*", vocab_size=256, hidden_size=32, mamba=CFG.layers[0],
+                                                              attention=CFG.layers[2], mlp=CFG.layers[1]),
+                                                 rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"layer count \(4\); got 256 and 3"):
+        gkd.distill(parent, shallow, tmp_path / "a", steps=2, lr=1e-3, train_config=TC)
+    assert not (tmp_path / "a").exists()
