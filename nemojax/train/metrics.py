@@ -35,17 +35,16 @@ def read_metrics(path) -> list[dict]:
 
 def plot_metrics(records: list[dict], png_path, title: str = "") -> None:
     """Loss curves (train and eval), learning rate and, for MoE models, expert load imbalance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: no backend switch under the caller (a notebook's inline plots keep working)
+    from matplotlib.figure import Figure
 
     def series(key):
         pts = [(r["step"], r[key]) for r in records if key in r]
         return tuple(zip(*pts)) if pts else ((), ())
 
     moe = any("moe_max_load" in r for r in records)
-    fig, axes = plt.subplots(1, 3 if moe else 2, figsize=(13 if moe else 9, 3.6))
+    fig = Figure(figsize=(13 if moe else 9, 3.6))
+    axes = fig.subplots(1, 3 if moe else 2)
     ax = axes[0]
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         s, v = series(key)
@@ -69,4 +68,3 @@ def plot_metrics(records: list[dict], png_path, title: str = "") -> None:
         axes[2].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
