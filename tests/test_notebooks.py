@@ -100,6 +100,10 @@ def test_committed_with_the_outputs_of_a_run(path):
     assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1)), "not run top to bottom"
     errors = [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
     assert not errors, errors
+    # a plot that did not reach the notebook (e.g. a library switched matplotlib's backend under it)
+    blank = [source(c).splitlines()[0] for c in code if "plt.show()" in source(c)
+             and not any("image/png" in o.get("data", {}) for o in c["outputs"])]
+    assert not blank, f"cells that show a plot but have no image output: {blank}"
 
 
 NUMBER = re.compile(r"(?<![\w.^/\-])\d+(?:\.\d+)?(?![\w])")
