@@ -159,10 +159,7 @@ def run_score(directory, *, eval_batches: int = 4, batch_sizes=(1, 8), seq_len: 
 
 def plot_scores(scores: dict, path) -> None:
     """A heatmap of log10 KL per layer (rows) and option name (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     keys = [k for k in scores if ":" in k]
     layers = sorted({int(k.split(":")[0]) for k in keys})
@@ -171,7 +168,8 @@ def plot_scores(scores: dict, path) -> None:
     for k in keys:
         i, name = k.split(":", 1)
         grid[layers.index(int(i)), names.index(name)] = np.log10(max(scores[k]["kl"], 1e-6))
-    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 2, 0.4 * len(layers) + 1.5))
+    fig = Figure(figsize=(0.45 * len(names) + 2, 0.4 * len(layers) + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(names)), names, rotation=70, fontsize=8)
     ax.set_yticks(range(len(layers)), [str(i) for i in layers])
@@ -180,7 +178,6 @@ def plot_scores(scores: dict, path) -> None:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def options_table(directory, *, latency: str = "measured") -> Options:
