@@ -526,6 +526,46 @@ for _h in CPU_VS_HF:
     prose(BENCH, CPU_VS_HF[_h])(lambda d, h=_h: cpu_vs_hf_prose(d, h))
 
 
+# --------------------------------------------------------------------- experiments/puzzle/README.md
+PUZZLE = "experiments/puzzle/README.md"
+PARENT = "experiments/puzzle/results/parent.json"
+
+
+@table(PARENT)
+def puzzle_parent_table(d):
+    rows = [["run", "layers", "parameters (active)", "held-out loss", "held-out accuracy",
+             "seen / unseen training loss", "training time"]]
+    for name, r in d["runs"].items():
+        p = r["parameters"]
+        rows.append([name, f"`{r['pattern']}`", f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)",
+                     f"{r['held_out']['loss']:.3f}", f"{r['held_out']['accuracy']:.3f}",
+                     f"{r['train_seen']['loss']:.3f} / {r['train_unseen']['loss']:.3f}",
+                     f"{r['train_seconds'] / 60:.0f} min"])
+    return rows
+
+
+@prose(PUZZLE, PARENT)
+def puzzle_parent_prose(d):
+    c, runs, rec = d["corpus"], d["runs"], d["recipe"]
+    parent = runs["parent"]
+    base = [r for k, r in runs.items() if k != "parent"]
+    gaps = [r["held_out_gap"] for r in runs.values()]
+    return [f"{c['files']} files and {c['bytes'] / 1e6:.2f} MB on Python\n{c['python_version']}"
+            .replace("\n", " "),
+            f"{c['validation_files']} files ({c['validation_bytes']} bytes, "
+            f"{100 * c['validation_bytes'] / c['bytes']:.1f}%)",
+            f"({rec['steps']} steps of {rec['batch_size']} × {rec['seq_len']} bytes, "
+            f"{parent['tokens_seen'] / 1e6:.2f}M tokens, {d['epochs']:.2f} epochs)",
+            d["parent_command"],
+            f"all {parent['held_out']['tokens']}\nheld-out tokens".replace("\n", " "),
+            f"in its first {parent['held_out']['tokens'] // (rec['batch_size'] * rec['seq_len'])} steps",
+            f"by {min(r['held_out']['loss'] for r in base) - parent['held_out']['loss']:.2f} nats",
+            f"by at least {100 * (parent['held_out']['accuracy'] - max(r['held_out']['accuracy'] for r in base)):.1f} "
+            f"points of accuracy",
+            f"only {parent['memorisation_gap']:.3f} nats better",
+            f"about {-sum(gaps) / len(gaps):.2f}\nnats lower".replace("\n", " ")]
+
+
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
 def test_every_table_with_numbers_names_its_source():
     unbacked = [f"{t.document}:{t.line} (section {t.section!r}): {' | '.join(t.rows[0])}"
@@ -576,43 +616,3 @@ def test_prose_matches_its_source(document, source):
     text = normalised((ROOT / document).read_text())
     missing = [p for p in PROSE[(document, source)](load(source)) if normalised(p) not in text]
     assert not missing, f"{document} should state, from {source}:\n" + "\n".join(missing)
-
-
-# ---------------------------------------------------------------- experiments/puzzle (issue 13)
-PUZZLE = "experiments/puzzle/README.md"
-PARENT = "experiments/puzzle/results/parent.json"
-
-
-@table(PARENT)
-def puzzle_parent_table(d):
-    rows = [["run", "layers", "parameters (active)", "held-out loss", "held-out accuracy",
-             "seen / unseen training loss", "training time"]]
-    for name, r in d["runs"].items():
-        p = r["parameters"]
-        rows.append([name, f"`{r['pattern']}`", f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)",
-                     f"{r['held_out']['loss']:.3f}", f"{r['held_out']['accuracy']:.3f}",
-                     f"{r['train_seen']['loss']:.3f} / {r['train_unseen']['loss']:.3f}",
-                     f"{r['train_seconds'] / 60:.0f} min"])
-    return rows
-
-
-@prose(PUZZLE, PARENT)
-def puzzle_parent_prose(d):
-    c, runs, rec = d["corpus"], d["runs"], d["recipe"]
-    parent = runs["parent"]
-    base = [r for k, r in runs.items() if k != "parent"]
-    gaps = [r["held_out_gap"] for r in runs.values()]
-    return [f"{c['files']} files and {c['bytes'] / 1e6:.2f} MB on Python\n{c['python_version']}"
-            .replace("\n", " "),
-            f"{c['validation_files']} files ({c['validation_bytes']} bytes, "
-            f"{100 * c['validation_bytes'] / c['bytes']:.1f}%)",
-            f"({rec['steps']} steps of {rec['batch_size']} × {rec['seq_len']} bytes, "
-            f"{parent['tokens_seen'] / 1e6:.2f}M tokens, {d['epochs']:.2f} epochs)",
-            d["parent_command"],
-            f"all {parent['held_out']['tokens']}\nheld-out tokens".replace("\n", " "),
-            f"in its first {parent['held_out']['tokens'] // (rec['batch_size'] * rec['seq_len'])} steps",
-            f"by {min(r['held_out']['loss'] for r in base) - parent['held_out']['loss']:.2f} nats",
-            f"by at least {100 * (parent['held_out']['accuracy'] - max(r['held_out']['accuracy'] for r in base)):.1f} "
-            f"points of accuracy",
-            f"only {parent['memorisation_gap']:.3f} nats better",
-            f"about {-sum(gaps) / len(gaps):.2f}\nnats lower".replace("\n", " ")]
