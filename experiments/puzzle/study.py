@@ -1,0 +1,217 @@
+"""The Puzzle study (issue 13): compress the trained parent at several budgets and compare, on held-out
+files, the MIP's child with the simple baselines at the same budget, before and after distillation.
+
+    python experiments/puzzle/study.py     # every stage; a re-run resumes BLD and distillation
+
+Stages run through `nemojax.compress.puzzle.pipeline` on experiments/puzzle/runs/puzzle (git-ignored):
+library (all kinds), BLD, replace-one scores on held-out batches 0-3 with costs measured here at batch
+sizes 1 and 8, then per budget the MIP child (KL scores), the MIP child on LM-loss scores, and the
+baselines (greedy, max parameters, no-op-only, uniform width, best of 20 random feasible children by
+held-out KL). Every child is evaluated against the parent on held-out batches 4-11 (not those the
+scores used), its whole-model decode and prefill latency measured here in one process interleaved
+with the parent's. Distillation (cosine on every layer + KL, `--distill-steps` steps on the parent's
+training data) runs for every child at the decode-latency budget of 0.5 and for the MIP child at the
+others, and with the LM loss added for the MIP child at 0.5. Writes results/study.json and
+results/study.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import nemojax as nj
+from nemojax.compress import puzzle
+from nemojax.compress.puzzle import baselines, library, pipeline, score
+from nemojax.compress.puzzle.assemble import assemble_from_dirs
+from nemojax.compress.puzzle.distill import distill
+from nemojax.nn.model import param_counts
+from nemojax.train.loop import load_run, make_dataset
+
+HERE = Path(__file__).parent
+BUDGETS = {"decode75": {"decode_latency": 0.75}, "decode50": {"decode_latency": 0.5},
+           "decode35": {"decode_latency": 0.35}, "memory50": {"memory": 0.5}}
+DISTILL_ALL = "decode50"  # the budget at which every child is distilled
+BATCH_SIZES = (1, 8)
+SCORE_BATCHES, EVAL_BATCHES = 4, 8
+RANDOM_CHILDREN = 20
+
+
+def eval_batches(tc, n: int) -> list[dict]:
+    """Held-out batches SCORE_BATCHES .. SCORE_BATCHES + n - 1: none of them chose the architecture."""
+    ds = make_dataset(tc, "validation")
+    return [ds.batch(SCORE_BATCHES + i) for i in range(n)]
+
+
+def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: int = 3) -> dict:
+    """Per model: median seconds of a prefill of `prompt` tokens (`generate` of one token) and of one
+    decode step ((generate of 1 + new tokens - generate of 1) / new), through `nj.generate`, which
+    compiles prefill and its lax.scan decode loop into one program, as a server would run them. Each
+    model is timed once per round, rounds interleaved so that the machine's drift falls on all alike;
+    also the spread (max / min over rounds)."""
+    tokens = jnp.zeros((batch, prompt), jnp.int32)
+
+    def timed(model, n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(nj.generate(model, tokens, max_new_tokens=n))
+        return time.perf_counter() - t0
+
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    for r in range(rounds + 1):  # round 0 compiles
+        for name, model in models.items():
+            one, many = timed(model, 1), timed(model, 1 + new)
+            if r:
+                times[name]["prefill"].append(one)
+                times[name]["decode"].append((many - one) / new)
+    return {name: {phase: statistics.median(v) for phase, v in t.items()}
+            | {f"{phase}_spread": max(v) / min(v) for phase, v in t.items()} for name, t in times.items()}
+
+
+def choices(options, budget: dict, tc, parent, candidates, bld_dir, tokens, batches) -> dict:
+    """Per method: the option keys it picks at `budget` (random: the best of RANDOM_CHILDREN by KL)."""
+    mip = puzzle.search(options, budget, objective="kl", batch_sizes=BATCH_SIZES)[0]
+    batch = mip["batch_size"]
+    out = {"mip": mip["keys"],
+           "mip_lm_scores": puzzle.search(options, budget, objective="lm_loss", batch_sizes=(batch,))[0]["keys"]}
+    for name, fn in pipeline.BASELINES.items():
+        try:
+            out[name] = fn(options, budget, batch=batch)["keys"]
+        except ValueError as err:
+            print(f"  {name}: {err}")
+    best = None
+    for r in baselines.random_feasible(options, budget, RANDOM_CHILDREN, seed=0, batch=batch):
+        child, _ = assemble_from_dirs(parent, r["keys"], candidates, bld_dir, tokens=tokens)
+        kl = score.compare(parent, child, batches[:2])["kl"]
+        if best is None or kl < best[0]:
+            best = (kl, r["keys"])
+    if best is not None:
+        out["random_best"] = best[1]
+    return out, batch
+
+
+def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: int, distill_lr: float,
+        distill_batch: int) -> dict:
+    if not (directory / "library" / "library.json").exists():
+        pipeline.run_library(directory, parent_run, calibration_batches=4)
+    pipeline.run_bld(directory, tokens=bld_tokens, lr=1e-3)
+    if not (directory / "scores" / "scores.json").exists():
+        pipeline.run_score(directory, eval_batches=SCORE_BATCHES, batch_sizes=BATCH_SIZES, dtype="float32")
+    tc, parent = pipeline.load_parent(directory)
+    candidates, meta = library.load_library(directory / "library" / "library.json", parent)
+    tokens = pipeline.calibration_tokens(tc, meta["calibration_batches"])
+    options = pipeline.options_table(directory)
+    batches = eval_batches(tc, EVAL_BATCHES)
+    bld_dir = directory / "bld"
+
+    out = {"parent": {"eval": score.compare(parent, parent, batches), "params": param_counts(parent.cfg)},
+           "budgets": {}}
+    for bname, budget in BUDGETS.items():
+        print(f"budget {bname} {budget}")
+        try:
+            picked, batch = choices(options, budget, tc, parent, candidates, bld_dir, tokens, batches)
+        except puzzle.Infeasible as err:
+            print(f"  infeasible: {err}")
+            out["budgets"][bname] = {"budget": budget, "infeasible": str(err)}
+            continue
+        rows = {}
+        for method, keys in picked.items():
+            child, _ = assemble_from_dirs(parent, keys, candidates, bld_dir, tokens=tokens)
+            row = {"keys": keys, "params": param_counts(child.cfg),
+                   "predicted": {n: options.total(n, [options.keys[i].index(k) for i, k in enumerate(keys)])
+                                 for n in ("kl", "lm_loss")},
+                   "relative_cost": {c: options.total(c, [options.keys[i].index(k) for i, k in enumerate(keys)])
+                                     / options.total(c, options.parent_choice()) for c in options.costs
+                                     if options.total(c, options.parent_choice())},
+                   "before": score.compare(parent, child, batches)}
+            runs = [("after", False)] if (bname == DISTILL_ALL or method == "mip") else []
+            if bname == DISTILL_ALL and method == "mip":
+                runs.append(("after_lm", True))
+            for label, lm in runs:
+                out_dir = directory / "distill" / f"{bname}-{method}{'-lm' if lm else ''}"
+                print(f"  distill {out_dir.name}")
+                distill(pipeline._state(directory)["parent"], child, out_dir, steps=distill_steps, lr=distill_lr,
+                        lm=lm, quiet=True, batch_size=distill_batch)
+                row[label] = score.compare(parent, load_run(out_dir)[1], batches)
+            rows[method] = row
+            print(f"  {method:14s} KL {row['before']['kl']:.4f} acc {row['before']['accuracy']:.4f}"
+                  + (f" -> after KL {row['after']['kl']:.4f} acc {row['after']['accuracy']:.4f}" if "after" in row else ""))
+        out["budgets"][bname] = {"budget": budget, "batch_size": batch, "children": rows}
+
+    # whole-model latency of the parent and every distinct child, measured together
+    models = {"parent": parent}
+    for bname, b in out["budgets"].items():
+        for method, row in b.get("children", {}).items():
+            models[f"{bname}/{method}"] = assemble_from_dirs(parent, row["keys"], candidates, bld_dir, tokens=tokens)[0]
+    lat = model_latency(models, batch=8, prompt=tc.seq_len, new=32)
+    out["parent"]["latency"] = lat["parent"]
+    for name, t in lat.items():
+        if name != "parent":
+            bname, method = name.split("/")
+            row = out["budgets"][bname]["children"][method]
+            row["latency"] = t
+            row["speedup"] = {p: lat["parent"][p] / t[p] for p in ("prefill", "decode")}
+    out["latency_setting"] = {"batch": 8, "prompt": tc.seq_len, "new_tokens": 32, "rounds": 3}
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    parent_acc = result["parent"]["eval"]["accuracy"]
+    markers = {"mip": "o", "mip_lm_scores": "s", "greedy": "^", "max_params": "v", "noop_only": "D",
+               "uniform": "P", "random_best": "x"}
+    for ax, stage in zip(axes, ("before", "after")):
+        for bname, b in result["budgets"].items():
+            for method, row in b.get("children", {}).items():
+                if stage in row:
+                    ax.scatter(1 / row["speedup"]["decode"], row[stage]["accuracy"] / parent_acc,
+                               marker=markers.get(method, "."), label=method, alpha=0.8)
+        ax.axhline(0.97, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("decode latency / parent's (measured, batch 8)")
+        ax.set_ylabel("next-token accuracy / parent's")
+        ax.set_title(f"children {stage} distillation")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", type=Path, default=HERE / "runs" / "parent")
+    p.add_argument("--dir", type=Path, default=HERE / "runs" / "puzzle")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--bld-tokens", type=int, default=32768, help="tokens per candidate")
+    p.add_argument("--distill-steps", type=int, default=40)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    result = run(args.dir, args.parent, bld_tokens=args.bld_tokens, distill_steps=args.distill_steps,
+                 distill_lr=args.distill_lr, distill_batch=args.distill_batch)
+    result["meta"] = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "cpus": os.cpu_count(),
+                      "machine": platform.processor() or platform.machine(), "bld_tokens": args.bld_tokens,
+                      "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                      "distill_batch": args.distill_batch,
+                      "score_batches": SCORE_BATCHES, "eval_batches": EVAL_BATCHES,
+                      "seconds": time.perf_counter() - t0}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "study.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    plot(result, args.results / "study.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
