@@ -295,8 +295,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"nemojax {args.command}: error: {err}\n")
-    except KeyboardInterrupt:  # start-up and compilation; the training loop itself saves and returns
-        parser.exit(130, f"nemojax {args.command}: interrupted\n")
+    except KeyboardInterrupt as err:  # start-up and compilation; loops that save first say where
+        parser.exit(130, f"nemojax {args.command}: interrupted{': ' + str(err) if str(err) else ''}\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from nemojax.cli import main
+from nemojax.compress.puzzle import bld
 from nemojax.io.hf import load_pretrained
 from nemojax.nn.model import param_counts
 from nemojax.train import TrainConfig, train
@@ -25,7 +26,7 @@ def parent_run(tmp_path_factory):
     return out
 
 
-def test_stages_build_a_child_within_the_budget(parent_run, tmp_path, capsys):
+def test_stages_build_a_child_within_the_budget(parent_run, tmp_path, capsys, monkeypatch):
     """Stage by stage through the CLI (`run` chains the same calls; distillation has its own tests)."""
     d = str(tmp_path / "pz")
     for argv in (["library", d, "--parent", str(parent_run), "--kinds", "mlp,mamba,noop", "--calibration-batches", "1"],
@@ -45,6 +46,12 @@ def test_stages_build_a_child_within_the_budget(parent_run, tmp_path, capsys):
     assert json.loads((d / "child" / "p60" / "assembly.json").read_text())["keys"] == best["keys"]
     assert set(found["baselines"]) == {"greedy", "max_params", "noop_only", "uniform"}
     assert (d / "scores" / "scores.png").exists() and "child" in capsys.readouterr().out
+
+    # a BLD stopped by a signal (saved, unfinished) ends the command instead of feeding the next stage
+    monkeypatch.setattr(bld, "run_bld", lambda *a, **k: {"1:mlp_w50": {"status": "running"}})
+    with pytest.raises(SystemExit) as exc:
+        main(["puzzle", "run", str(d), "--parent", str(parent_run), "--budget", "params=0.6"])
+    assert exc.value.code == 130 and "BLD stopped and saved" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -126,6 +126,8 @@ def run_bld(directory, *, tokens: int, lr: float = 1e-3, batch_size: int | None 
     record = bld.run_bld(parent, candidates, make_dataset(tc), Path(directory) / "bld", tokens=tokens, lr=lr,
                          batch_size=batch_size, heldout=make_dataset(tc, "validation").batch(0), progress=progress)
     _record(directory, "bld", {"tokens": tokens, "lr": lr, "batch_size": batch_size})
+    if any(r["status"] == "running" for r in record.values()):  # stopped by a signal: saved, not finished
+        raise KeyboardInterrupt(f"BLD stopped and saved in {Path(directory) / 'bld'}; run it again to resume")
     return record
 
 
@@ -246,4 +248,7 @@ def run_distill(directory, child: str, *, steps: int, lr: float = 1e-3, lm: bool
     directory = Path(directory)
     model = load_pretrained(_need(directory / "child" / child, "assemble"))
     out = directory / "distill" / (child + ("-lm" if lm else ""))
-    return distill(_state(directory)["parent"], model, out, steps=steps, lr=lr, lm=lm, quiet=quiet, **overrides)
+    summary = distill(_state(directory)["parent"], model, out, steps=steps, lr=lr, lm=lm, quiet=quiet, **overrides)
+    if summary.get("interrupted"):
+        raise KeyboardInterrupt(f"distillation stopped and saved in {out}; run it again to resume")
+    return summary
