@@ -39,6 +39,27 @@ def instance(rng, n_layers, n_options, n_budgets):
     return scores, costs, budgets
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_budgets_hold_at_any_scale_of_the_costs(seed):
+    """Costs in seconds of a microsecond-scale layer (1e-9..1e-6) hold their budgets as unit costs do:
+    the solver's absolute feasibility tolerance (1e-7) would otherwise loosen them."""
+    rng = np.random.default_rng(500 + seed)
+    scores, costs, budgets = instance(rng, 4, 3, n_budgets=2)
+    scale = 10.0 ** -rng.integers(6, 10)
+    small = {n: c * scale for n, c in costs.items()}
+    tight = {n: b * scale for n, b in budgets.items()}
+    best = brute_force(scores, small, tight)
+    if best is None:
+        with pytest.raises(puzzle.Infeasible):
+            puzzle.solve(scores, small, tight)
+        return
+    choice = puzzle.solve(scores, small, tight)
+    rows = np.arange(4)
+    assert scores[rows, choice].sum() == pytest.approx(best)
+    for name, bound in tight.items():
+        assert small[name][rows, choice].sum() <= bound * (1 + 1e-9), name
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_solve_equals_brute_force(seed):
     rng = np.random.default_rng(seed)

@@ -71,9 +71,12 @@ def solve(scores, costs: Mapping[str, np.ndarray], budgets: Mapping[str, float],
         lower.append(1.0)
         upper.append(1.0)
     for name, bound in budgets.items():
-        rows.append(cost[name].ravel())
+        # HiGHS tests feasibility to an absolute 1e-7: a row in seconds (a roofline layer takes
+        # microseconds) would get its budget loosened by whole layers, so each row is scaled to O(1)
+        scale = max(abs(float(bound)), float(np.abs(cost[name]).max())) or 1.0
+        rows.append(cost[name].ravel() / scale)
         lower.append(-np.inf)
-        upper.append(float(bound))
+        upper.append(float(bound) / scale)
     if min_changed:
         for y in earlier:  # keep at most L - min_changed of y's options
             row = np.zeros((n_layers, n_options))
