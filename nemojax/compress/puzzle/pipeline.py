@@ -25,6 +25,7 @@ from nemojax.compress.puzzle import baselines, bld, library, score
 from nemojax.compress.puzzle.assemble import assemble_from_dirs
 from nemojax.compress.puzzle.distill import distill
 from nemojax.compress.puzzle.search import BUDGETS, Options, search, tabulate
+from nemojax.config import ModelConfig
 from nemojax.io.hf import load_pretrained
 from nemojax.train.loop import load_run, make_dataset
 
@@ -194,6 +195,20 @@ def options_table(directory, *, latency: str = "measured") -> Options:
     return tabulate({k: v for k, v in scores.items() if ":" in k}, costs)
 
 
+def baseline_choices(options: Options, budgets: dict, parent_cfg, *, objective: str = "kl", batch=None,
+                     relative: bool = True) -> dict:
+    """Every baseline's choice at `budgets` (one searched at the MIP's batch size), or {"infeasible": why}."""
+    kv_heads = {i: s.num_kv_heads for i, s in enumerate(parent_cfg.layers) if s.kind == "attention"}
+    out = {}
+    for label, fn in BASELINES.items():
+        extra = {"kv_heads": kv_heads} if fn is baselines.uniform else {}
+        try:
+            out[label] = fn(options, budgets, objective=objective, batch=batch, relative=relative, **extra)
+        except ValueError as err:  # Infeasible: this baseline has no child at the budget
+            out[label] = {"infeasible": str(err)}
+    return out
+
+
 def run_search(directory, budgets: dict, *, name: str | None = None, objective: str = "kl", batch_sizes=None,
                relative: bool = True, k: int = 1, latency: str = "measured", with_baselines: bool = True) -> Path:
     """The MIP's best `k` choices under `budgets` (fractions of the parent unless not `relative`) and,
@@ -206,13 +221,9 @@ def run_search(directory, budgets: dict, *, name: str | None = None, objective: 
     found = search(options, budgets, objective=objective, batch_sizes=batch_sizes, relative=relative, k=k)
     out = {"budgets": budgets, "relative": relative, "objective": objective, "latency": latency, "mip": found}
     if with_baselines:
-        batch = found[0]["batch_size"]
-        out["baselines"] = {}
-        for label, fn in BASELINES.items():
-            try:
-                out["baselines"][label] = fn(options, budgets, objective=objective, batch=batch, relative=relative)
-            except ValueError as err:  # Infeasible: this baseline has no child at the budget
-                out["baselines"][label] = {"infeasible": str(err)}
+        parent_cfg = ModelConfig.load(Path(_state(directory)["parent"]) / "model_config.json")
+        out["baselines"] = baseline_choices(options, budgets, parent_cfg, objective=objective,
+                                            batch=found[0]["batch_size"], relative=relative)
     name = name or "_".join(f"{b}{v:g}" for b, v in budgets.items())
     path = Path(directory) / "search" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
