@@ -145,6 +145,9 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
             print(f"  {method:14s} KL {row['before']['kl']:.4f} acc {row['before']['accuracy']:.4f}"
                   + (f" -> after KL {row['after']['kl']:.4f} acc {row['after']['accuracy']:.4f}" if "after" in row else ""))
         out["budgets"][bname] = {"budget": budget, "batch_size": batch, "children": rows}
+        # every child is a new program: free the compiled ones, or a process compiling hundreds runs out of
+        # memory mappings (LLVM: "Cannot allocate memory" with most of the RAM free)
+        jax.clear_caches()
 
     # whole-model latency of the parent and every distinct child, measured together
     models = {"parent": parent}
