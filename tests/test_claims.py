@@ -566,6 +566,60 @@ def puzzle_parent_prose(d):
             f"about {-sum(gaps) / len(gaps):.2f}\nnats lower".replace("\n", " ")]
 
 
+STUDY = "experiments/puzzle/results/study.json"
+SHORT = {"parent": "P", "noop": ".", "linear": "L"}
+
+
+def short_option(key: str) -> str:
+    """'3:mlp_w50' -> 'w50', '1:moe_e25_rcv' -> 'e25r': one cell per layer in the study's tables."""
+    name = key.split(":", 1)[1]
+    if name in SHORT:
+        return SHORT[name]
+    for prefix, out in (("mlp_w", "w"), ("mamba_h", "h"), ("attn_kv", "kv"), ("attn_win", "win"), ("moe_top", "top"),
+                        ("moe_shared", "sh")):
+        if name.startswith(prefix):
+            return out + name[len(prefix):]
+    size, scorer = name[len("moe_e"):].split("_")
+    return f"e{size}{scorer[1]}"  # rcv -> c, rem -> e
+
+
+@table(STUDY)
+def puzzle_study_table(d):
+    acc = d["parent"]["eval"]["accuracy"]
+    rows = [["budget", "child", "layers", "budgeted cost", "decode speedup", "prefill speedup", "KL before",
+             "accuracy before", "KL after", "accuracy after"]]
+    for b in d["budgets"].values():
+        if "children" not in b:
+            continue
+        (name, frac), = b["budget"].items()
+        column = f"{name}@{b['batch_size']}"
+        for method, r in b["children"].items():
+            after = r.get("after")
+            rows.append([f"{name} {frac:g}", method, " ".join(short_option(k) for k in r["keys"]),
+                         f"{r['relative_cost'][column]:.2f}", f"{r['speedup']['decode']:.2f}x",
+                         f"{r['speedup']['prefill']:.2f}x", f"{r['before']['kl']:.3f}",
+                         f"{100 * r['before']['accuracy'] / acc:.1f}%",
+                         f"{after['kl']:.3f}" if after else "-",
+                         f"{100 * after['accuracy'] / acc:.1f}%" if after else "-"])
+    return rows
+
+
+@prose(PUZZLE, STUDY)
+def puzzle_study_prose(d):
+    acc = d["parent"]["eval"]["accuracy"]
+    goal = d["budgets"]["decode50"]["children"]
+    mip = goal["mip"]
+    others = {m: r["after"]["accuracy"] for m, r in goal.items() if m != "mip" and "after" in r}
+    best_other = max(others, key=others.get)
+    m = d["meta"]
+    return [f"{m['bld_tokens']} tokens per candidate",
+            f"{m['distill_steps']} steps of {m['distill_batch']} sequences",
+            f"keeps {100 * mip['after']['accuracy'] / acc:.1f}% of the parent's next-token accuracy",
+            f"decode speedup of {mip['speedup']['decode']:.2f}x",
+            f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
+            f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%"]
+
+
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
 def test_every_table_with_numbers_names_its_source():
     unbacked = [f"{t.document}:{t.line} (section {t.section!r}): {' | '.join(t.rows[0])}"
