@@ -113,6 +113,10 @@ class MoESpec:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     bias: bool = False
+    # Routing segments ((num_experts, top_k), ...): consecutive expert ranges each routed on their own
+    # (top-k, normalisation and scaling within the range), as in an FFN-fused run of MoE layers whose
+    # experts are the union. () routes all experts together.
+    segments: tuple[tuple[int, int], ...] = ()
     kind: ClassVar[str] = "moe"
     symbol: ClassVar[str] = "E"
 
@@ -129,6 +133,17 @@ class MoESpec:
             raise ValueError(f"{where}: shared_intermediate_size must be >= 0; got {self.shared_intermediate_size}")
         if self.latent_size is not None and self.latent_size <= 0:
             raise ValueError(f"{where}: latent_size must be None or > 0; got {self.latent_size}")
+        if self.segments:
+            if self.n_group != 1 or self.topk_group != 1:
+                raise ValueError(f"{where}: segments need n_group == topk_group == 1; got {self.n_group}, "
+                                 f"{self.topk_group}")
+            bad = [seg for seg in self.segments if not 0 < seg[1] <= seg[0]]
+            if bad:
+                raise ValueError(f"{where}: each of segments must be (num_experts, top_k) with 0 < top_k <= "
+                                 f"num_experts; got {bad}")
+            if tuple(map(sum, zip(*self.segments))) != (self.num_experts, self.top_k):
+                raise ValueError(f"{where}: segments {self.segments} must add up to num_experts={self.num_experts} "
+                                 f"and top_k={self.top_k}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,29 @@ class LinearSpec:
         pass
 
 
-LayerSpec = Union[MambaSpec, AttentionSpec, MLPSpec, MoESpec, NoOpSpec, LinearSpec]
+@dataclass(frozen=True)
+class ParallelSpec:
+    """Layers run side by side on one input, their outputs summed: x + sum_b mixer_b(norm_b(x)).
+
+    Each branch keeps its own pre-norm, parameters and decode cache. This is how full-block
+    parallelisation and fused runs of mixed layer kinds are stored."""
+
+    branches: tuple[LayerSpec, ...]
+    kind: ClassVar[str] = "parallel"
+    symbol: ClassVar[str] = "P"
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.branches, tuple) or len(self.branches) < 2:
+            raise ValueError(f"{where}.branches must be a tuple of at least 2 layer specs; got {self.branches!r}")
+        allowed = tuple(s for s in SPEC_TYPES if s not in (NoOpSpec, ParallelSpec))
+        for b, spec in enumerate(self.branches):
+            if not isinstance(spec, allowed):
+                raise ValueError(f"{where}.branches[{b}]: expected one of {', '.join(s.__name__ for s in allowed)}; "
+                                 f"got {type(spec).__name__}")
+            spec.check(f"{where}.branches[{b}]")
+
+
+LayerSpec = Union[MambaSpec, AttentionSpec, MLPSpec, MoESpec, NoOpSpec, LinearSpec, ParallelSpec]
 SPEC_TYPES: tuple[type, ...] = typing.get_args(LayerSpec)
 SPEC_BY_KIND: dict[str, type] = {s.kind: s for s in SPEC_TYPES}
 SPEC_BY_SYMBOL: dict[str, type] = {s.symbol: s for s in SPEC_TYPES}
@@ -304,6 +341,8 @@ FORMAT_VERSION = 1
 
 
 def spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
+    if isinstance(spec, ParallelSpec):
+        return {"kind": spec.kind, "branches": [spec_to_dict(b) for b in spec.branches]}
     return {"kind": spec.kind, **{f.name: _encode(getattr(spec, f.name)) for f in dataclasses.fields(spec)}}
 
 
@@ -316,6 +355,11 @@ def spec_from_dict(d: Any, where: str) -> LayerSpec:
     cls = SPEC_BY_KIND[kind]
     body = {k: v for k, v in d.items() if k != "kind"}
     _reject_unknown(body, {f.name for f in dataclasses.fields(cls)}, f"{where} ({kind})")
+    if cls is ParallelSpec:
+        branches = body.get("branches")
+        if not isinstance(branches, list):
+            raise ValueError(f"{where}.branches must be a list of layer entries; got {branches!r}")
+        return ParallelSpec(tuple(spec_from_dict(e, f"{where}.branches[{b}]") for b, e in enumerate(branches)))
     hints = typing.get_type_hints(cls)
     try:
         return cls(**{k: _decode(hints[k], v, f"{where}.{k}") for k, v in body.items()})
@@ -346,6 +390,10 @@ def _decode(hint, v, where: str):
             return None
         (hint,) = [a for a in args if a is not type(None)]
         return _decode(hint, v, where)
+    if origin is tuple and args[-1:] == (Ellipsis,):
+        if not isinstance(v, list):
+            raise ValueError(f"{where}: expected a list; got {v!r}")
+        return tuple(_decode(args[0], x, f"{where}[{i}]") for i, x in enumerate(v))
     if origin is tuple:
         if not isinstance(v, list) or len(v) != len(args):
             raise ValueError(f"{where}: expected a list of {len(args)} values; got {v!r}")

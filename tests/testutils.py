@@ -29,34 +29,42 @@ def rel_l2(a, ref) -> float:
 def closed_form_counts(cfg) -> tuple[int, int]:
     """(total, active) parameters of a ModelConfig from the layer formulas, written out independently of
     the model code (active: routed experts at top_k / num_experts; MTP excluded)."""
-    from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, MoESpec, NoOpSpec
-
     d = cfg.hidden_size
     total = active = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
     for s in cfg.layers:
-        n, routed = 0, 0
-        if isinstance(s, MambaSpec):
-            i, c, h = s.num_heads * s.head_dim, s.conv_dim, s.num_heads
-            n = d * (i + c + h) + c * s.conv_kernel + c * s.conv_bias + 3 * h + i + i * d
-            n += (i + c + h + d) * s.proj_bias
-        elif isinstance(s, AttentionSpec):
-            n = 2 * d * s.num_heads * s.head_dim + 2 * d * s.num_kv_heads * s.head_dim
-        elif isinstance(s, MLPSpec):
-            n = 2 * d * s.intermediate_size + (s.intermediate_size + d) * s.bias
-        elif isinstance(s, MoESpec):
-            din = s.latent_size or d
-            routed = 2 * s.num_experts * din * s.intermediate_size
-            n = d * s.num_experts  # router
-            if s.shared_intermediate_size:
-                n += 2 * d * s.shared_intermediate_size + (s.shared_intermediate_size + d) * s.bias
-            if s.latent_size:
-                n += 2 * d * din + (din + d) * s.bias
-        elif isinstance(s, LinearSpec):
-            n = d * d + d * s.bias
-        norm = 0 if isinstance(s, NoOpSpec) else d
-        total += n + routed + norm
-        active += n + norm + (routed * s.top_k // s.num_experts if routed else 0)
+        t, a = _layer_counts(s, d)
+        total, active = total + t, active + a
     return total, active
+
+
+def _layer_counts(s, d: int) -> tuple[int, int]:
+    """(total, active) of one layer, its pre-norm included; a parallel layer is the sum of its branches."""
+    from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, MoESpec, NoOpSpec, ParallelSpec
+
+    if isinstance(s, ParallelSpec):
+        counts = [_layer_counts(b, d) for b in s.branches]
+        return sum(t for t, _ in counts), sum(a for _, a in counts)
+    n, routed = 0, 0
+    if isinstance(s, MambaSpec):
+        i, c, h = s.num_heads * s.head_dim, s.conv_dim, s.num_heads
+        n = d * (i + c + h) + c * s.conv_kernel + c * s.conv_bias + 3 * h + i + i * d
+        n += (i + c + h + d) * s.proj_bias
+    elif isinstance(s, AttentionSpec):
+        n = 2 * d * s.num_heads * s.head_dim + 2 * d * s.num_kv_heads * s.head_dim
+    elif isinstance(s, MLPSpec):
+        n = 2 * d * s.intermediate_size + (s.intermediate_size + d) * s.bias
+    elif isinstance(s, MoESpec):
+        din = s.latent_size or d
+        routed = 2 * s.num_experts * din * s.intermediate_size
+        n = d * s.num_experts  # router
+        if s.shared_intermediate_size:
+            n += 2 * d * s.shared_intermediate_size + (s.shared_intermediate_size + d) * s.bias
+        if s.latent_size:
+            n += 2 * d * din + (din + d) * s.bias
+    elif isinstance(s, LinearSpec):
+        n = d * d + d * s.bias
+    norm = 0 if isinstance(s, NoOpSpec) else d
+    return n + routed + norm, n + norm + (routed * s.top_k // s.num_experts if routed else 0)
 
 
 @contextmanager

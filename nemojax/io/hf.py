@@ -25,17 +25,11 @@ from nemojax.config import ModelConfig
 from nemojax.io.hf_config import hf_incompatibility, read_hf_config
 from nemojax.io.tensors import Entry
 from nemojax.nn.model import HybridLM
-from nemojax.nn.registry import kind_of
+from nemojax.nn.registry import block_entries
 
 CONFIG_NAME = "config.json"  # HF NemotronH's, written when the model fits it
 NATIVE_CONFIG_NAME = "nemojax_config.json"  # lossless, written for every model
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def _block_entries(spec, hf: str, path: tuple) -> list[Entry]:
-    kind = kind_of(spec)
-    norm = [Entry(f"{hf}.norm.weight", (*path, "norm", "weight"), "copy")] if kind.norm else []
-    return norm + kind.tensors(spec, f"{hf}.mixer", (*path, "mixer"))
 
 
 def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
@@ -45,7 +39,7 @@ def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
     if not cfg.tie_word_embeddings:
         out.append(Entry("lm_head.weight", ("lm_head",), "t"))
     for i, spec in enumerate(cfg.layers):
-        out += _block_entries(spec, f"model.layers.{i}", ("layers", i))
+        out += block_entries(spec, f"model.layers.{i}", ("layers", i))
     n = len(cfg.mtp_layers)
     for d in range(cfg.mtp_depth):
         first, last = f"mtp.layers.{d * n}", f"mtp.layers.{d * n + n - 1}"
@@ -54,7 +48,7 @@ def checkpoint_entries(cfg: ModelConfig) -> list[Entry]:
                 Entry(f"{first}.eh_proj.weight", ("mtp", d, "eh_proj", "kernel"), "t"),
                 Entry(f"{last}.final_layernorm.weight", ("mtp", d, "final_layernorm", "weight"), "copy")]
         for j, spec in enumerate(cfg.mtp_layers):
-            out += _block_entries(spec, f"mtp.layers.{d * n + j}", ("mtp", d, "blocks", j))
+            out += block_entries(spec, f"mtp.layers.{d * n + j}", ("mtp", d, "blocks", j))
     return out
 
 

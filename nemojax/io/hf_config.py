@@ -196,6 +196,8 @@ def hf_incompatibility(cfg: ModelConfig) -> str | None:
                     "can only describe homogeneous layers of each kind")
     f = next((s for s in specs if isinstance(s, MLPSpec)), None)
     e = next((s for s in specs if isinstance(s, MoESpec)), None)
+    if e and e.segments:
+        return "NemotronH routes all of a layer's experts together (MoE routing segments)"
     if f and e and f.bias != e.bias:
         return "MLP and MoE layers must agree on bias (HF has one mlp_bias)"
     return None

@@ -69,13 +69,28 @@ class MoE(Stateless, nnx.Module):
     def router_logits(self, x_TD):
         return jnp.dot(x_TD.astype(jnp.float32), self.gate_weight[...].astype(jnp.float32))
 
+    def segment_bounds(self) -> list[tuple[int, int, int]]:
+        """(first expert, end, top_k) of each routing segment: one, all experts, unless `spec.segments`."""
+        s, lo, out = self.spec, 0, []
+        for e, k in s.segments or ((s.num_experts, s.top_k),):
+            out.append((lo, lo + e, k))
+            lo += e
+        return out
+
+    def route(self, logits):
+        """(weights [T, K], indices [T, K]): `ops.moe.route` on each segment, expert indices made global."""
+        s, bias = self.spec, self.correction_bias[...]
+        parts = [route(logits[:, lo:hi], bias[lo:hi], top_k=k, n_group=s.n_group, topk_group=s.topk_group,
+                       norm_topk_prob=s.norm_topk_prob, routed_scaling_factor=s.routed_scaling_factor)
+                 for lo, hi, k in self.segment_bounds()]
+        return (jnp.concatenate([w for w, _ in parts], axis=-1),
+                jnp.concatenate([i + lo for (_, i), (lo, _, _) in zip(parts, self.segment_bounds())], axis=-1))
+
     def __call__(self, x, cache=None, pos=0):
         s = self.spec
         x_TD = x.reshape(-1, x.shape[-1])
         logits = self.router_logits(x_TD)
-        weights, indices = route(logits, self.correction_bias[...], top_k=s.top_k,
-                                 n_group=s.n_group, topk_group=s.topk_group, norm_topk_prob=s.norm_topk_prob,
-                                 routed_scaling_factor=s.routed_scaling_factor)
+        weights, indices = self.route(logits)
         h = x_TD if self.fc1_latent_proj is None else self.fc1_latent_proj(x_TD)
         if self.expert_mesh is None:
             out = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...],
@@ -90,7 +105,8 @@ class MoE(Stateless, nnx.Module):
         if self.collect_stats:
             y, stats = out
             seqs = x.shape[0] if x.ndim == 3 else 1  # [T, D] input: one sequence
-            stats["aux_loss"] = seq_aux_loss(logits.reshape(seqs, -1, logits.shape[-1]), s.top_k)
+            stats["aux_loss"] = jnp.mean(jnp.stack([seq_aux_loss(logits[:, lo:hi].reshape(seqs, -1, hi - lo), k)
+                                                    for lo, hi, k in self.segment_bounds()]))
             stats["z_loss"] = router_z_loss(logits)
             # What Module.sow does outside nnx.capture (deprecated there): append this call's stats to an
             # Intermediate, which `pop_moe_stats` reads and deletes.

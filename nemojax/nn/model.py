@@ -13,7 +13,7 @@ from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
 from nemojax.nn.layers import KEEP, Linear, RMSNorm, dense
 from nemojax.nn.mamba import Mamba2Mixer
-from nemojax.nn.registry import build_mixer, kind_of, param_rule
+from nemojax.nn.registry import build_mixer, kind_of, param_rule, spec_at
 from nemojax.ops import attention as attention_ops, ffn as ffn_ops, moe as moe_ops, ssd as ssd_ops
 
 
@@ -33,13 +33,37 @@ class Block(nnx.Module):
     def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
         return None if self.mixer is None else self.mixer.init_cache(batch, max_len, dtype=dtype, ssm_dtype=ssm_dtype)
 
+    def contribution(self, x, cache=None, pos=0, act_dtype=None):
+        """What the block adds to the residual stream, mixer(norm(x)), and the updated cache."""
+        h = x if self.norm is None else self.norm(x)
+        return self.mixer(h if act_dtype is None else h.astype(act_dtype), cache, pos)
+
     def __call__(self, x, cache=None, pos=0, act_dtype=None):
         """`act_dtype`: the dtype the mixer computes in, when the residual stream `x` is kept wider."""
         if self.mixer is None:
             return x, cache
-        h = self.norm(x)
-        y, cache = self.mixer(h if act_dtype is None else h.astype(act_dtype), cache, pos)
+        y, cache = self.contribution(x, cache, pos, act_dtype)
         return x + y, cache
+
+
+class ParallelMixer(nnx.Module):
+    """The mixer of a `ParallelSpec` layer: sum_b branch_b.contribution(x), each branch a `Block` with its
+    own pre-norm and cache (the caches travel as one tuple)."""
+
+    def __init__(self, spec, cfg: ModelConfig, *, out_std: float, dtype, rngs: nnx.Rngs):
+        self.spec = spec
+        self.branches = nnx.List([Block(b, cfg, out_std=out_std, dtype=dtype, rngs=rngs) for b in spec.branches])
+
+    def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
+        return tuple(b.init_cache(batch, max_len, dtype=dtype, ssm_dtype=ssm_dtype) for b in self.branches)
+
+    def __call__(self, x, cache=None, pos=0):
+        caches = (None,) * len(self.branches) if cache is None else cache
+        y, new = 0, []
+        for branch, c in zip(self.branches, caches):
+            y_b, c = branch.contribution(x, c, pos)
+            y, new = y + y_b, new + [c]
+        return y, None if cache is None else tuple(new)
 
 
 def run_blocks(blocks, x, caches=None, pos=0, act_dtype=None, collect: bool = False):
@@ -238,7 +262,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         if path[0] in ("embeddings", "lm_head"):
             counts["embedding" if path[0] == "embeddings" else "lm_head"] += n
         if param_rule(path).routed:
-            spec = cfg.layers[path[1]]
+            spec = spec_at(cfg.layers[path[1]], path[2:])
             counts["active"] += n * spec.top_k // spec.num_experts
         else:
             counts["active"] += n

@@ -17,7 +17,8 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 
-from nemojax.config import AttentionSpec, LayerSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec
+from nemojax.config import (AttentionSpec, LayerSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec,
+                            ParallelSpec)
 from nemojax.io.tensors import Entry, linear_entries
 from nemojax.nn.attention import Attention
 from nemojax.nn.ffn import MLP, MoE
@@ -107,6 +108,16 @@ def _moe_tensors(s: MoESpec, m: str, p: tuple) -> list[Entry]:
     return out
 
 
+def _parallel_mixer(spec, cfg, *, std, out_std, dtype, rngs):
+    from nemojax.nn.model import ParallelMixer  # a parallel layer is made of Blocks, which build from this table
+
+    return ParallelMixer(spec, cfg, out_std=out_std, dtype=dtype, rngs=rngs)
+
+
+def _parallel_tensors(s: ParallelSpec, m: str, p: tuple) -> list[Entry]:
+    return [e for b, spec in enumerate(s.branches) for e in block_entries(spec, f"{m}.branches.{b}", (*p, "branches", b))]
+
+
 KINDS: dict[type, LayerKind] = {k.spec: k for k in (
     LayerKind(
         MambaSpec,
@@ -139,7 +150,16 @@ KINDS: dict[type, LayerKind] = {k.spec: k for k in (
         lambda s, m, p: linear_entries(f"{m}.linear", (*p, "linear"), s.bias),
         _linear("linear")),
     LayerKind(NoOpSpec, lambda s, cfg, **kw: None, lambda s, m, p: [], {}, norm=False),
+    # Branch parameters follow their own kind's rules (`param_rule` reads the path inside the branch).
+    LayerKind(ParallelSpec, lambda s, cfg, **kw: _parallel_mixer(s, cfg, **kw), _parallel_tensors, {}, norm=False),
 )}
+
+
+def block_entries(spec: LayerSpec, name: str, path: tuple) -> list[Entry]:
+    """The checkpoint entries of one block: its pre-norm (if any) and its mixer's tensors."""
+    kind = kind_of(spec)
+    norm = [Entry(f"{name}.norm.weight", (*path, "norm", "weight"), "copy")] if kind.norm else []
+    return norm + kind.tensors(spec, f"{name}.mixer", (*path, "mixer"))
 
 # Parameters outside the mixers, by their last one or two path names.
 MODEL_PARAMS: dict[str, ParamRule] = {
@@ -183,6 +203,9 @@ def rule_at(key_path) -> ParamRule:
 def param_rule(names: Sequence[str]) -> ParamRule:
     """The rule of the parameter at this path (its names, e.g. ("layers", "3", "mixer", "in_proj", "kernel"))."""
     names = [str(n) for n in names]
+    inner = [k for k in range(len(names) - 1) if names[k] == "branches" and names[k + 1].isdigit()]
+    if inner:  # a parallel layer's branch is a block of its own
+        names = names[inner[-1] + 2:]
     if "mixer" in names:
         last = len(names) - 1 - names[::-1].index("mixer")
         key, table = "/".join(names[last + 1:]), MIXER_PARAMS
@@ -195,4 +218,13 @@ def param_rule(names: Sequence[str]) -> ParamRule:
     return table[key]
 
 
-__all__ = ["KINDS", "LayerKind", "ParamRule", "build_mixer", "kind_of", "param_rule", "rule_at"]
+def spec_at(spec: LayerSpec, path: Sequence) -> LayerSpec:
+    """The spec of the block that holds the parameter at `path` (relative to the layer `spec` belongs
+    to): a parallel layer's branch spec for paths inside a branch, else `spec`."""
+    path = [str(n) for n in path]
+    while isinstance(spec, ParallelSpec) and path[:2] == ["mixer", "branches"] and len(path) > 2:
+        spec, path = spec.branches[int(path[2])], path[3:]
+    return spec
+
+
+__all__ = ["KINDS", "LayerKind", "ParamRule", "block_entries", "build_mixer", "kind_of", "param_rule", "rule_at", "spec_at"]

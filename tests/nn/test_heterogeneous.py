@@ -1,5 +1,5 @@
-"""A model whose every layer differs (widths, KV heads, windows, expert counts, top-k, no-op and linear
-layers) is an ordinary model: its config round-trips through the native JSON, and it counts its
+"""A model whose every layer differs (widths, KV heads, windows, expert counts, top-k, routing segments,
+no-op, linear and parallel layers) is an ordinary model: its config round-trips through the native JSON, and it counts its
 parameters, runs cached decode, saves and loads, shards, trains, checkpoints and resumes bit for bit.
 Also: the layer registry, `replace_layers` surgery, `layer_states` and the pluggable training loss."""
 
@@ -15,7 +15,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import nemojax as nj
 from nemojax.config import (AttentionSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec,
-                            SPEC_TYPES)
+                            ParallelSpec, SPEC_TYPES)
 from nemojax.io.hf import NATIVE_CONFIG_NAME
 from nemojax.nn.registry import KINDS, param_rule
 from nemojax.nn.ffn import configure_moe
@@ -38,6 +38,11 @@ LAYERS = (
     MoESpec(num_experts=4, top_k=1, intermediate_size=8, latent_size=16, routed_scaling_factor=2.0),
     MLPSpec(intermediate_size=12),
     LinearSpec(),
+    # full-block parallel: windowed attention, Mamba and a segment-routed MoE read one input
+    ParallelSpec((AttentionSpec(num_heads=2, num_kv_heads=2, head_dim=8, sliding_window=3),
+                  MambaSpec(num_heads=2, head_dim=8, n_groups=2, state_size=4, chunk_size=4),
+                  MoESpec(num_experts=6, top_k=3, intermediate_size=8, shared_intermediate_size=8,
+                          segments=((4, 2), (2, 1))))),
 )
 CFG = ModelConfig(vocab_size=256, hidden_size=D, layers=LAYERS, mtp_layers=(NoOpSpec(), MLPSpec(20)), mtp_depth=1,
                   name="every-layer-differs")
@@ -69,7 +74,7 @@ def tokens(b=2, length=19, seed=3):
 def test_every_layer_kind_is_registered_and_in_the_test_model():
     assert set(KINDS) == set(SPEC_TYPES)
     assert {type(s) for s in LAYERS} == set(SPEC_TYPES)
-    assert len(set(LAYERS)) == len(LAYERS) and CFG.pattern == "M-*E.M*LE-L"  # every layer differs
+    assert len(set(LAYERS)) == len(LAYERS) and CFG.pattern == "M-*E.M*LE-LP"  # every layer differs
 
 
 def test_native_json_round_trip_is_lossless_and_hf_refuses_with_the_reason(tmp_path):
@@ -80,8 +85,11 @@ def test_native_json_round_trip_is_lossless_and_hf_refuses_with_the_reason(tmp_p
     assert back == CFG and back.layers[0].dt_limit == (0.0, math.inf)
     CFG.save(tmp_path / "c.json")
     assert ModelConfig.load(tmp_path / "c.json") == CFG
-    with pytest.raises(ValueError, match="no linear / noop layers"):
+    with pytest.raises(ValueError, match="no linear / noop / parallel layers"):
         CFG.to_hf()
+    segmented = ModelConfig(vocab_size=8, hidden_size=D, layers=(LAYERS[11].branches[2],))
+    with pytest.raises(ValueError, match="routes all of a layer's experts together"):
+        segmented.to_hf()
     uniform = nj.presets.get("tiny-latent-mtp")
     assert ModelConfig.from_json(uniform.to_json()) == uniform == ModelConfig.from_hf(uniform.to_hf())
 
@@ -92,6 +100,10 @@ def test_native_json_round_trip_is_lossless_and_hf_refuses_with_the_reason(tmp_p
     (lambda d: d["layers"][0].update(heads=4), "layers[0] (mamba): unknown field(s) ['heads']"),
     (lambda d: d["layers"][2].update(num_kv_heads=3), "layers[2]: attention num_heads=4 must be divisible"),
     (lambda d: d["layers"][1].pop("intermediate_size"), "layers[1] (mlp)"),
+    (lambda d: d["layers"][11].update(branches=d["layers"][11]["branches"][:1]), "layers[11].branches must be a tuple of at least 2"),
+    (lambda d: d["layers"][11]["branches"].append({"kind": "noop"}), "layers[11].branches[3]: expected one of"),
+    (lambda d: d["layers"][11]["branches"][2].update(segments=[[4, 2], [2, 2]]), "must add up to num_experts=6"),
+    (lambda d: d["layers"][11]["branches"][2].update(segments=[[4, 5], [2, -2]]), "0 < top_k <= num_experts"),
     (lambda d: d.pop("hidden_size"), "missing required field(s) ['hidden_size']"),
     (lambda d: d.update(version=7), "version 7"),
     (lambda d: d.update(format="hf"), "not a native nemojax model config"),
@@ -128,7 +140,8 @@ def test_cached_prefill_and_decode_reproduce_the_full_forward(model):
     t = tokens(length=19)  # windows of 5, chunks of 4 and 8, partial last chunk
     full = logits_of(model, t)
     cache = model.init_cache(t.shape[0], t.shape[1])
-    assert [c is None for c in cache["layers"]] == [not isinstance(s, (MambaSpec, AttentionSpec)) for s in LAYERS]
+    assert [c is None for c in cache["layers"]] == [
+        not isinstance(s, (MambaSpec, AttentionSpec, ParallelSpec)) for s in LAYERS]
     cached_forward = nnx.jit(lambda m, x, c: m.forward(x, c))
     pieces = []
     logits, cache = cached_forward(model, t[:, :11], cache)
@@ -177,7 +190,7 @@ def test_sharding_rules_cover_every_parameter_of_every_kind(model):
 def test_replace_layers_keeps_config_and_layers_in_agreement(model):
     t = tokens()
     child = model.replace_layers({1: (NoOpSpec(), None), 9: (LinearSpec(bias=True), None)}, rngs=nnx.Rngs(5))
-    assert child.cfg.pattern == "M.*E.M*LELL" and model.cfg == CFG  # the parent is unchanged
+    assert child.cfg.pattern == "M.*E.M*LELLP" and model.cfg == CFG  # the parent is unchanged
     assert nj.param_counts(child.cfg)["total"] == closed_form_counts(child.cfg)[0]
     # untouched layers share the parent's arrays, but not its Variables
     assert child.layers[0].mixer.in_proj.kernel[...] is model.layers[0].mixer.in_proj.kernel[...]
