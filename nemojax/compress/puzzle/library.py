@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from nemojax.compress import experts
+from nemojax.compress.modules import copy_into, host, shell
 from nemojax.config import (SPEC_BY_KIND, SPEC_TYPES, AttentionSpec, LayerSpec, LinearSpec, MambaSpec, MLPSpec,
                             MoESpec, NoOpSpec, spec_from_dict, spec_to_dict)
 from nemojax.nn.attention import Attention
@@ -39,36 +40,6 @@ def _indices(keep, n: int, what: str) -> np.ndarray:
     if (idx < 0).any() or (idx >= n).any() or np.unique(idx).size != idx.size:
         raise ValueError(f"{what}: keep must hold distinct indices in [0, {n}); got {idx.tolist()}")
     return np.sort(idx)
-
-
-def _host(variable) -> np.ndarray:
-    """A parameter's value as a NumPy array: selecting rows or columns on the host compiles nothing,
-    where a jnp gather compiles a program for every new shape (most of a library's build time)."""
-    return np.asarray(variable[...])
-
-
-def _shell(make):
-    """The module `make()` builds, its parameters shapes only: `_copy_from` fills every one (no random
-    initialisation to compute, which costs more than the copies on a CPU)."""
-    return nnx.eval_shape(make)
-
-
-def _copy_from(module, values: dict) -> None:
-    """Sets the named parameters ("up_proj.kernel") of a `_shell` module; every parameter must then hold
-    an array."""
-    for name, value in values.items():
-        target = module
-        *path, leaf = name.split(".")
-        for p in path:
-            target = getattr(target, p)
-        var = getattr(target, leaf)
-        want = var.get_value()
-        if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(f"{name}: expected shape {want.shape}; got {value.shape}")
-        var.set_value(jnp.asarray(value, want.dtype))
-    missing = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(nnx.state(module))
-               if isinstance(v, jax.ShapeDtypeStruct)]
-    assert not missing, f"parameters left unset: {missing}"
 
 
 def mlp_channel_contribution(mlp: MLP, x) -> np.ndarray:
@@ -91,8 +62,8 @@ def mamba_head_contribution(mamba: Mamba2Mixer, x) -> np.ndarray:
     s = mamba.spec
     probe = nnx.clone(mamba)  # the same mixer, returning its pre-out_proj activations y [..., d_inner]
     dtype = mamba.out_proj.kernel[...].dtype
-    probe.out_proj = _shell(lambda: Linear(s.d_inner, s.d_inner, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
-    _copy_from(probe, {"out_proj.kernel": jnp.eye(s.d_inner, dtype=dtype)})
+    probe.out_proj = shell(lambda: Linear(s.d_inner, s.d_inner, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
+    copy_into(probe, {"out_proj.kernel": jnp.eye(s.d_inner, dtype=dtype)})
     y = np.asarray(nnx.jit(lambda m, x: m(x)[0])(probe, x), np.float64).reshape(-1, s.num_heads, s.head_dim)
     w = np.asarray(mamba.out_proj.kernel[...], np.float64).reshape(s.num_heads, s.head_dim, -1)
     gram = np.einsum("hpd,hqd->hpq", w, w)  # ||y_h W_h||^2 = y_h (W_h W_h^T) y_h^T, without the [T, H, D] terms
@@ -129,13 +100,13 @@ def prune_mlp(mlp: MLP, keep) -> tuple[MLPSpec, MLP]:
     bias = mlp.up_proj.bias is not None
     spec = MLPSpec(intermediate_size=int(idx.size), bias=bias)
     dtype = mlp.up_proj.kernel[...].dtype
-    child = _shell(lambda: MLP(mlp.up_proj.kernel.shape[0], idx.size, bias=bias, std=1.0, out_std=1.0, dtype=dtype,
+    child = shell(lambda: MLP(mlp.up_proj.kernel.shape[0], idx.size, bias=bias, std=1.0, out_std=1.0, dtype=dtype,
                                rngs=nnx.Rngs(0)))
     child.implementation = mlp.implementation
-    values = {"up_proj.kernel": _host(mlp.up_proj.kernel)[:, idx], "down_proj.kernel": _host(mlp.down_proj.kernel)[idx]}
+    values = {"up_proj.kernel": host(mlp.up_proj.kernel)[:, idx], "down_proj.kernel": host(mlp.down_proj.kernel)[idx]}
     if bias:
-        values.update({"up_proj.bias": _host(mlp.up_proj.bias)[idx], "down_proj.bias": mlp.down_proj.bias[...]})
-    _copy_from(child, values)
+        values.update({"up_proj.bias": host(mlp.up_proj.bias)[idx], "down_proj.bias": mlp.down_proj.bias[...]})
+    copy_into(child, values)
     return spec, child
 
 
@@ -161,20 +132,20 @@ def prune_mamba_heads(mamba: Mamba2Mixer, keep) -> tuple[MambaSpec, Mamba2Mixer]
     conv_channels = np.concatenate([channels, bc])
     proj_columns = np.concatenate([channels, d_inner + conv_channels, d_inner + s.conv_dim + idx])
     hidden = mamba.in_proj.kernel.shape[0]
-    child = _shell(lambda: Mamba2Mixer(spec, hidden, eps=mamba.eps, std=1.0, out_std=1.0,
+    child = shell(lambda: Mamba2Mixer(spec, hidden, eps=mamba.eps, std=1.0, out_std=1.0,
                                        dtype=mamba.in_proj.kernel[...].dtype, rngs=nnx.Rngs(0)))
     child.implementation = mamba.implementation
-    values = {"in_proj.kernel": _host(mamba.in_proj.kernel)[:, proj_columns],
-              "conv_weight": _host(mamba.conv_weight)[:, conv_channels],
-              "dt_bias": _host(mamba.dt_bias)[idx], "A_log": _host(mamba.A_log)[idx], "D": _host(mamba.D)[idx],
-              "norm_weight": _host(mamba.norm_weight)[channels],
-              "out_proj.kernel": _host(mamba.out_proj.kernel)[channels]}
+    values = {"in_proj.kernel": host(mamba.in_proj.kernel)[:, proj_columns],
+              "conv_weight": host(mamba.conv_weight)[:, conv_channels],
+              "dt_bias": host(mamba.dt_bias)[idx], "A_log": host(mamba.A_log)[idx], "D": host(mamba.D)[idx],
+              "norm_weight": host(mamba.norm_weight)[channels],
+              "out_proj.kernel": host(mamba.out_proj.kernel)[channels]}
     if s.conv_bias:
-        values["conv_bias"] = _host(mamba.conv_bias)[conv_channels]
+        values["conv_bias"] = host(mamba.conv_bias)[conv_channels]
     if s.proj_bias:
-        values.update({"in_proj.bias": _host(mamba.in_proj.bias)[proj_columns],
+        values.update({"in_proj.bias": host(mamba.in_proj.bias)[proj_columns],
                        "out_proj.bias": mamba.out_proj.bias[...]})
-    _copy_from(child, values)
+    copy_into(child, values)
     return spec, child
 
 
@@ -188,15 +159,15 @@ def pool_kv_heads(attention: Attention, num_kv_heads: int) -> tuple[AttentionSpe
     spec = dataclasses.replace(s, num_kv_heads=num_kv_heads)
     dtype = attention.q_proj.kernel[...].dtype
     hidden = attention.q_proj.kernel.shape[0]
-    child = _shell(lambda: Attention(spec, hidden, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
+    child = shell(lambda: Attention(spec, hidden, std=1.0, out_std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
     child.implementation = attention.implementation
 
     def pooled(kernel):  # [D, Hkv * Dh] -> [D, num_kv_heads * Dh], groups of consecutive heads averaged in fp32
-        k = np.asarray(_host(kernel), np.float32).reshape(hidden, num_kv_heads, s.num_kv_heads // num_kv_heads,
+        k = np.asarray(host(kernel), np.float32).reshape(hidden, num_kv_heads, s.num_kv_heads // num_kv_heads,
                                                           s.head_dim)
         return k.mean(axis=2).reshape(hidden, num_kv_heads * s.head_dim)
 
-    _copy_from(child, {"q_proj.kernel": attention.q_proj.kernel[...], "o_proj.kernel": attention.o_proj.kernel[...],
+    copy_into(child, {"q_proj.kernel": attention.q_proj.kernel[...], "o_proj.kernel": attention.o_proj.kernel[...],
                        "k_proj.kernel": pooled(attention.k_proj.kernel),
                        "v_proj.kernel": pooled(attention.v_proj.kernel)})
     return spec, child
@@ -224,8 +195,8 @@ def attention_as_linear(attention: Attention) -> tuple[LinearSpec, LinearMixer]:
     w_v = jnp.repeat(w_v, s.num_heads // s.num_kv_heads, axis=1).reshape(hidden, s.num_heads * s.head_dim)
     w = jnp.matmul(w_v, attention.o_proj.kernel[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     spec = LinearSpec(bias=False)
-    child = _shell(lambda: LinearMixer(spec, hidden, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
-    _copy_from(child, {"linear.kernel": w.astype(dtype)})
+    child = shell(lambda: LinearMixer(spec, hidden, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
+    copy_into(child, {"linear.kernel": w.astype(dtype)})
     return spec, child
 
 
@@ -240,14 +211,14 @@ def keep_experts(moe: MoE, keep) -> tuple[MoESpec, MoE]:
     idx = _indices(keep, s.num_experts, "keep_experts")
     spec = dataclasses.replace(s, num_experts=int(idx.size), top_k=min(s.top_k, int(idx.size)))
     hidden = moe.gate_weight.shape[0]
-    child = _shell(lambda: MoE(spec, hidden, std=1.0, out_std=1.0, dtype=moe.gate_weight[...].dtype, rngs=nnx.Rngs(0)))
+    child = shell(lambda: MoE(spec, hidden, std=1.0, out_std=1.0, dtype=moe.gate_weight[...].dtype, rngs=nnx.Rngs(0)))
     for name in ("implementation", "capacity_factor", "expert_mesh", "collect_stats"):
         setattr(child, name, getattr(moe, name))
     for name in ("shared_experts", "fc1_latent_proj", "fc2_latent_proj"):
         setattr(child, name, None if getattr(moe, name) is None else nnx.clone(getattr(moe, name)))
-    _copy_from(child, {"gate_weight": _host(moe.gate_weight)[:, idx],
-                       "correction_bias": _host(moe.correction_bias)[idx],
-                       "up_proj": _host(moe.up_proj)[idx], "down_proj": _host(moe.down_proj)[idx]})
+    copy_into(child, {"gate_weight": host(moe.gate_weight)[:, idx],
+                       "correction_bias": host(moe.correction_bias)[idx],
+                       "up_proj": host(moe.up_proj)[idx], "down_proj": host(moe.down_proj)[idx]})
     return spec, child
 
 
@@ -288,11 +259,11 @@ def fit_linear(block, x, *, bias: bool = True) -> tuple[LinearSpec, LinearMixer]
         inputs = np.concatenate([inputs, np.ones((inputs.shape[0], 1))], axis=1)
     solution = np.linalg.lstsq(inputs, targets, rcond=None)[0]
     dtype = block.norm.weight[...].dtype
-    child = _shell(lambda: LinearMixer(LinearSpec(bias=bias), d, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
+    child = shell(lambda: LinearMixer(LinearSpec(bias=bias), d, std=1.0, dtype=dtype, rngs=nnx.Rngs(0)))
     values = {"linear.kernel": jnp.asarray(solution[:d], dtype)}
     if bias:
         values["linear.bias"] = jnp.asarray(solution[d], dtype)
-    _copy_from(child, values)
+    copy_into(child, values)
     return LinearSpec(bias=bias), child
 
 
