@@ -22,14 +22,11 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-import nemojax as nj
 from nemojax.compress import puzzle
 from nemojax.compress.puzzle import baselines, library, pipeline, score
 from nemojax.compress.puzzle.assemble import assemble_from_dirs
@@ -50,30 +47,6 @@ def eval_batches(tc, n: int) -> list[dict]:
     """Held-out batches SCORE_BATCHES .. SCORE_BATCHES + n - 1: none of them chose the architecture."""
     ds = make_dataset(tc, "validation")
     return [ds.batch(SCORE_BATCHES + i) for i in range(n)]
-
-
-def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: int = 3) -> dict:
-    """Per model: median seconds of a prefill of `prompt` tokens (`generate` of one token) and of one
-    decode step ((generate of 1 + new tokens - generate of 1) / new), through `nj.generate`, which
-    compiles prefill and its lax.scan decode loop into one program, as a server would run them. Each
-    model is timed once per round, rounds interleaved so that the machine's drift falls on all alike;
-    also the spread (max / min over rounds)."""
-    tokens = jnp.zeros((batch, prompt), jnp.int32)
-
-    def timed(model, n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(nj.generate(model, tokens, max_new_tokens=n))
-        return time.perf_counter() - t0
-
-    times = {name: {"prefill": [], "decode": []} for name in models}
-    for r in range(rounds + 1):  # round 0 compiles
-        for name, model in models.items():
-            one, many = timed(model, 1), timed(model, 1 + new)
-            if r:
-                times[name]["prefill"].append(one)
-                times[name]["decode"].append((many - one) / new)
-    return {name: {phase: statistics.median(v) for phase, v in t.items()}
-            | {f"{phase}_spread": max(v) / min(v) for phase, v in t.items()} for name, t in times.items()}
 
 
 def choices(options, budget: dict, tc, parent, candidates, bld_dir, tokens, batches) -> dict:
@@ -154,7 +127,7 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     for bname, b in out["budgets"].items():
         for method, row in b.get("children", {}).items():
             models[f"{bname}/{method}"] = assemble_from_dirs(parent, row["keys"], candidates, bld_dir, tokens=tokens)[0]
-    lat = model_latency(models, batch=8, prompt=tc.seq_len, new=32)
+    lat = score.model_latency(models, batch=8, prompt=tc.seq_len, new=32)
     out["parent"]["latency"] = lat["parent"]
     for name, t in lat.items():
         if name != "parent":

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from nemojax.config import AttentionSpec, LinearSpec, MambaSpec, MLPSpec, ModelConfig, MoESpec, NoOpSpec
 from nemojax.data.base import IGNORE
+from nemojax.generate import generate
 from nemojax.nn.model import Block
 from nemojax.train.losses import cosine_distance, cross_entropy, kd_kl
 
@@ -437,3 +438,27 @@ def candidate_costs(parent, candidates: dict, *, batch: int, seq_len: int, dtype
             row |= {f"{phase}_latency": timed[spec][phase] for phase in PHASES}
         out[key] = row
     return out
+
+
+def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: int = 3) -> dict:
+    """Per model: median seconds of a prefill of `prompt` tokens (`generate` of one token) and of one
+    decode step ((generate of 1 + new tokens - generate of 1) / new), through `nemojax.generate`, which
+    compiles prefill and its lax.scan decode loop into one program, as a server would run them. Each
+    model is timed once per round, rounds interleaved so that the machine's drift falls on all alike;
+    also the spread (max / min over rounds)."""
+    tokens = jnp.zeros((batch, prompt), jnp.int32)
+
+    def timed(model, n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate(model, tokens, max_new_tokens=n))
+        return time.perf_counter() - t0
+
+    times = {name: {"prefill": [], "decode": []} for name in models}
+    for r in range(rounds + 1):  # round 0 compiles
+        for name, model in models.items():
+            one, many = timed(model, 1), timed(model, 1 + new)
+            if r:
+                times[name]["prefill"].append(one)
+                times[name]["decode"].append((many - one) / new)
+    return {name: {phase: statistics.median(v) for phase, v in t.items()}
+            | {f"{phase}_spread": max(v) / min(v) for phase, v in t.items()} for name, t in times.items()}
