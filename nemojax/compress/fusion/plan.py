@@ -12,9 +12,9 @@ from numbers import Real
 
 import numpy as np
 
+from nemojax.compress.fusion.fuse import FFN_KINDS
 from nemojax.config import ModelConfig
 
-FFN_KINDS = ("mlp", "moe")
 # Layers that a window of full-block parallelisation may not hold: nothing to run, or already parallel.
 UNWINDOWED_KINDS = ("noop", "parallel")
 
