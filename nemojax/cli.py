@@ -251,6 +251,86 @@ def _add_puzzle(sub) -> None:
     p.set_defaults(func=cmd_puzzle)
 
 
+def _runs(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in part.split(":", 1)) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP runs separated by commas, e.g. 1:4,6:8; got {text!r}")
+
+
+def cmd_fuse(args) -> int:
+    from nemojax.compress.fusion import pipeline as fu
+
+    d, stage = args.dir, args.stage
+    if args.layers is not None and len(args.layers) != 2:
+        raise ValueError(f"--layers: expected START,STOP (one range of layers); got {args.layers}")
+    if args.runs is not None and any(len(r) != 2 for r in args.runs):
+        raise ValueError(f"--runs: expected START:STOP runs separated by commas; got {args.runs}")
+    if stage == "run" and args.parent is None:
+        raise ValueError("--parent: required by `nemojax fuse run`")
+    fu.init_directory(d, args.parent)
+    if stage in ("deps", "run"):
+        path = fu.run_deps(d, eval_batches=args.eval_batches, layers=args.layers)
+        print(f"deps     {path} (and dependency.png)")
+    if stage in ("plan", "run"):
+        path = fu.run_plan(d, threshold=args.threshold, keep_last=args.keep_last, blocks=args.blocks,
+                           count=args.count)
+        plan = json.loads(path.read_text())
+        print(f"plan     {path}: {len(plan['runs'])} run(s)")
+        print(fu.plan_table(plan))
+    if stage in ("apply", "run"):
+        r = fu.run_apply(d, norm=args.norm, runs=args.runs, eval_batches=args.eval_batches)
+        before, after = r["heldout"]["parent"], r["heldout"]["fused"]
+        runs = ", ".join(f"{x['op']} {x['start']}:{x['stop']}" for x in r["runs"])
+        print(f"fused    {d}/fused ({runs}; norm {r['norm']})")
+        print(f"         pattern {r['pattern']['parent']} -> {r['pattern']['fused']}, sequential layers "
+              f"{r['sequential_layers']['parent']} -> {r['sequential_layers']['fused']}, parameters "
+              f"{r['params']['parent']['total']:,d} -> {r['params']['fused']['total']:,d}")
+        print(f"         held-out ({r['eval_batches']} batches): KL to parent {after['kl']:.4f}, accuracy "
+              f"{before['accuracy']:.4f} -> {after['accuracy']:.4f}, LM loss {before['lm_loss']:.4f} -> "
+              f"{after['lm_loss']:.4f}")
+    if stage in ("distill", "run"):
+        s = fu.run_distill(d, steps=args.distill_steps, lr=args.distill_lr)
+        kl = s.get("kl_to_parent", {})
+        print(f"distill  {d}/distill: " + ", ".join(f"KL to parent {k} {v:.4f}" for k, v in kl.items()))
+    return 0
+
+
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="FFN Fusion: fuse or parallelise layers of a trained run (deps, plan, apply, "
+                                    "distill, or all of them with `run`)")
+    p.add_argument("stage", choices=("deps", "plan", "apply", "distill", "run"),
+                   help="the stage to run on DIR (each reads the outputs of the stages before it)")
+    p.add_argument("dir", help="the FFN Fusion directory (created by --parent)")
+    p.add_argument("--parent", help="run directory of the parent (`nemojax train --out-dir`); starts DIR (required "
+                                    "by run)")
+    p.add_argument("--eval-batches", type=_positive_int, default=4,
+                   help="held-out batches of the dependency matrix and of apply's comparison (default: 4)")
+    g = p.add_argument_group("deps")
+    g.add_argument("--layers", type=_csv(int), default=None,
+                   help="START,STOP: measure the dependencies among these layers only (default: all)")
+    g = p.add_argument_group("plan")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="FFN runs whose pairwise dependencies are all at most this cosine distance")
+    g.add_argument("--keep-last", action="store_true",
+                   help="with --threshold: let runs include the last FFN before an attention or Mamba layer")
+    g.add_argument("--blocks", type=_positive_int, default=None,
+                   help="instead of --threshold: full-block windows of this many layers, run in parallel")
+    g.add_argument("--count", type=_positive_int, default=None,
+                   help="with --blocks: at most this many windows (default: as many as fit)")
+    g = p.add_argument_group("apply")
+    g.add_argument("--norm", default="last", choices=("last", "fold"),
+                   help="fused FFNs read the last FFN's norm (last) or keep their own, folded in (fold) "
+                        "(default: last)")
+    g.add_argument("--runs", type=_runs, default=None,
+                   help="START:STOP,... to fuse instead of the plan's (fuse where all are FFN layers, else "
+                        "parallelise)")
+    g = p.add_argument_group("distill")
+    g.add_argument("--distill-steps", type=_positive_int, default=200, help="optimizer steps (default: 200)")
+    g.add_argument("--distill-lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.set_defaults(func=cmd_fuse)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nemojax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +369,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_generate)
 
     _add_puzzle(sub)
+    _add_fuse(sub)
 
     args = parser.parse_args(argv)
     try:
