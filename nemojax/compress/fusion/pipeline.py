@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from nemojax.compress.fusion.dependency import dependency_matrix, plot_dependency, residual_stats
-from nemojax.compress.fusion.fuse import fuse, parallelize
-from nemojax.compress.fusion.plan import FFN_KINDS, block_windows, ffn_runs
+from nemojax.compress.fusion.fuse import FFN_KINDS, fuse, parallelize
+from nemojax.compress.fusion.plan import block_windows, ffn_runs
 from nemojax.compress.puzzle.distill import distill
 from nemojax.compress.puzzle.pipeline import heldout_batches
 from nemojax.compress.puzzle.score import compare
