@@ -282,7 +282,7 @@ def cmd_fuse(args) -> int:
         r = fu.run_apply(d, norm=args.norm, runs=args.runs, eval_batches=args.eval_batches)
         before, after = r["heldout"]["parent"], r["heldout"]["fused"]
         runs = ", ".join(f"{x['op']} {x['start']}:{x['stop']}" for x in r["runs"])
-        print(f"fused    {d}/fused ({runs}; norm {r['norm']})")
+        print(f"fused    {d}/fused ({runs}" + ("" if r["norm"] is None else f"; norm {r['norm']}") + ")")
         print(f"         pattern {r['pattern']['parent']} -> {r['pattern']['fused']}, sequential layers "
               f"{r['sequential_layers']['parent']} -> {r['sequential_layers']['fused']}, parameters "
               f"{r['params']['parent']['total']:,d} -> {r['params']['fused']['total']:,d}")
@@ -319,8 +319,8 @@ def _add_fuse(sub) -> None:
     g.add_argument("--count", type=_positive_int, default=None,
                    help="with --blocks: at most this many windows (default: as many as fit)")
     g = p.add_argument_group("apply")
-    g.add_argument("--norm", default="last", choices=("last", "fold"),
-                   help="fused FFNs read the last FFN's norm (last) or keep their own, folded in (fold) "
+    g.add_argument("--norm", default=None, choices=("last", "fold"),
+                   help="fused FFN runs read the last FFN's norm (last) or keep their own, folded in (fold) "
                         "(default: last)")
     g.add_argument("--runs", type=_runs, default=None,
                    help="START:STOP,... to fuse instead of the plan's (fuse where all are FFN layers, else "

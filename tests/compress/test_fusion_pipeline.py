@@ -105,6 +105,10 @@ def assert_same_weights(a, b):
 
 def test_apply_fuses_the_planned_runs(deps_dir, parent, capsys):
     model, batches = parent
+    fuse_cli("plan", deps_dir, "--threshold", 0)  # no two layers are exactly independent: nothing to fuse
+    with pytest.raises(SystemExit) as exc:
+        main(["fuse", "apply", str(deps_dir)])
+    assert exc.value.code == 2 and "plan.json holds no runs" in capsys.readouterr().err
     fuse_cli("plan", deps_dir, "--threshold", 2, "--keep-last")  # a cosine distance is at most 2: every run
     fuse_cli("apply", deps_dir, "--norm", "fold", "--eval-batches", 1)
     runs = [(1, 4), (5, 7)]
@@ -160,6 +164,7 @@ def test_run_distils_from_the_kl_apply_measured(parent_run, tmp_path, capsys):
     (["apply", "DIR", "--runs", "3:1"], "--runs"),
     (["apply", "DIR", "--runs", "1:3,2:4"], "--runs: runs overlap"),
     (["apply", "DIR", "--norm", "middle"], "--norm"),
+    (["apply", "DIR", "--runs", "0:2", "--norm", "fold"], "--norm: every run is parallelised"),
     (["deps", "DIR", "--layers", "1"], "--layers"),
     (["run", "DIR", "--threshold", "0.1"], "--parent: required"),
 ])

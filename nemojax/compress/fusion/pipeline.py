@@ -205,13 +205,14 @@ def sequential_layers(cfg: ModelConfig) -> int:
     return sum(s.kind != "noop" for s in cfg.layers)
 
 
-def run_apply(directory, *, norm: str = "last", runs=None, eval_batches: int = 4) -> dict:
+def run_apply(directory, *, norm: str | None = None, runs=None, eval_batches: int = 4) -> dict:
     """Builds the fused model by applying the plan's runs (or `runs`, (start, stop) pairs: `fuse` where
     every layer is an FFN or a no-op, else `parallelize`) to the parent, one after another, saves it in
     DIR/fused/ with DIR/fused/surgery.json, and returns that record: the runs, parameter counts and
     sequential depth of both models, and `compare` of each against the parent on `eval_batches`
-    held-out batches."""
-    if norm not in NORMS:
+    held-out batches. `norm` ("last" by default) is the fused runs' (`fuse`); parallelised layers keep
+    their own norms, so runs that are all parallelised take no `norm`."""
+    if norm is not None and norm not in NORMS:
         raise ValueError(f"--norm must be one of {', '.join(NORMS)}; got {norm!r}")
     directory = Path(directory)
     tc, parent = load_parent(directory)
@@ -226,6 +227,12 @@ def run_apply(directory, *, norm: str = "last", runs=None, eval_batches: int = 4
     else:
         chosen = [(a, b, operation(cfg, a, b)) for a, b in _check_runs(runs, len(cfg.layers))]
         source = "runs"
+    if all(op == "parallelize" for *_, op in chosen):
+        if norm is not None:
+            raise ValueError("--norm: every run is parallelised, and parallel layers keep their own norms; --norm "
+                             "is for fused FFN runs")
+    else:
+        norm = norm or "last"
     child = parent
     for a, b, op in chosen:
         child = fuse(child, a, b, norm=norm) if op == "fuse" else parallelize(child, a, b)
