@@ -55,7 +55,7 @@ def commands(script: str) -> list[list[str]]:
 
 def check_nemojax(argv, monkeypatch):
     called = []
-    for name in ("info", "train", "eval", "generate", "puzzle"):
+    for name in ("info", "train", "eval", "generate", "puzzle", "fuse"):
         monkeypatch.setattr(cli, f"cmd_{name}", lambda args, name=name: called.append(name) or 0)
     try:
         assert cli.main(argv) == 0
