@@ -29,21 +29,26 @@ def candidate_replacements(depth: int):
     return out
 
 
+def kernel_change(*, depth: int, alpha, replace, n_grid: int = 401) -> float:
+    """sup_u |K'(u) - K(u)| / K(1) over n_grid cosines u in [-1, 1], K the residual NTK on the unit sphere
+    and K' the NTK after `replace`: how far the replacement moves the kernel."""
+    u = jnp.linspace(-1, 1, n_grid)
+    base = resnet_ntk_dot(u, depth=depth, alpha=alpha)
+    new = resnet_ntk_dot(u, depth=depth, alpha=alpha, replace=replace)
+    return float(jnp.max(jnp.abs(new - base)) / base[-1])
+
+
 def replacement_effects(*, depth: int, alpha, d: int, kmax: int = 20, n_quad: int = 4000):
     """For each candidate: `kernel_change` = sup_u |K'(u) - K(u)| / K(1) on S^{d-1}, and
     `spectrum_change` = mu'_k / mu_k - 1 for k = 0..kmax (Funk-Hecke eigenvalues)."""
-    u = np.linspace(-1, 1, 401)
-
     def kappa(replace):
         return lambda t: np.asarray(resnet_ntk_dot(jnp.asarray(t), depth=depth, alpha=alpha, replace=replace))
 
-    base_k = kappa(None)(u)
     base_mu = zonal_spectrum(kappa(None), d, kmax, n_quad)
     rows = []
     for block, op, replace in candidate_replacements(depth):
-        k_new = kappa(replace)(u)
         mu = zonal_spectrum(kappa(replace), d, kmax, n_quad)
         rows.append({"block": block, "op": op,
-                     "kernel_change": float(np.max(np.abs(k_new - base_k)) / base_k[-1]),
+                     "kernel_change": kernel_change(depth=depth, alpha=alpha, replace=replace),
                      "spectrum_change": mu / base_mu - 1})
     return rows
