@@ -268,7 +268,11 @@ def cmd_fuse(args) -> int:
         raise ValueError(f"--runs: expected START:STOP runs separated by commas; got {args.runs}")
     if stage == "run" and args.parent is None:
         raise ValueError("--parent: required by `nemojax fuse run`")
+    if stage in ("plan", "run"):
+        fu.check_plan(threshold=args.threshold, keep_last=args.keep_last, blocks=args.blocks, count=args.count)
     fu.init_directory(d, args.parent)
+    if args.runs is not None:
+        fu.check_runs(args.runs, len(fu.parent_config(d).layers))
     if stage in ("deps", "run"):
         path = fu.run_deps(d, eval_batches=args.eval_batches, layers=args.layers)
         print(f"deps     {path} (and dependency.png)")

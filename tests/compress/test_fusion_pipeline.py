@@ -167,11 +167,17 @@ def test_run_distils_from_the_kl_apply_measured(parent_run, tmp_path, capsys):
     (["apply", "DIR", "--runs", "0:2", "--norm", "fold"], "--norm: every run is parallelised"),
     (["deps", "DIR", "--layers", "1"], "--layers"),
     (["run", "DIR", "--threshold", "0.1"], "--parent: required"),
+    # `run` checks the later stages' flags before it measures anything
+    (["run", "DIR", "--parent", "PARENT"], "--threshold or --blocks"),
+    (["run", "DIR", "--parent", "PARENT", "--blocks", "2", "--keep-last"], "--keep-last: only with --threshold"),
+    (["run", "DIR", "--parent", "PARENT", "--threshold", "-1"], "--threshold: a cosine distance"),
+    (["run", "DIR", "--parent", "PARENT", "--threshold", "0.1", "--runs", "5:9"], "--runs: each run is START:STOP"),
 ])
 def test_fuse_cli_errors_name_the_flag(argv, needle, parent_run, tmp_path, capsys):
     d = tmp_path / "fu"
     pipeline.init_directory(d, parent_run)
-    argv = [str(tmp_path / "none") if a == "NEW" else str(d) if a == "DIR" else a for a in argv]
+    argv = [{"NEW": str(tmp_path / "none"), "DIR": str(d), "PARENT": str(parent_run)}.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(["fuse", *argv])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert sorted(p.name for p in d.iterdir()) == [pipeline.STATE]  # refused before writing anything

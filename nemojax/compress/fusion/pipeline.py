@@ -145,15 +145,7 @@ def run_plan(directory, *, threshold: float | None = None, keep_last: bool = Fal
     """Writes DIR/plan.json from the deps stage's matrix: FFN runs (`ffn_runs` at `threshold`, the last
     FFN of each stretch left out unless `keep_last`) fused by `apply`, or full-block windows of `blocks`
     layers (`block_windows`, at most `count`) that `apply` parallelises."""
-    if (threshold is None) == (blocks is None):
-        raise ValueError("--threshold or --blocks: give exactly one (FFN runs under a dependency threshold, or "
-                         "full-block windows of that many layers)")
-    if blocks is None and count is not None:
-        raise ValueError("--count: only with --blocks (FFN runs take every run under the threshold)")
-    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2):
-        raise ValueError(f"--blocks: a window holds an int >= 2 layers; got {blocks!r}")
-    if blocks is not None and keep_last:
-        raise ValueError("--keep-last: only with --threshold (full-block windows have no last FFN to leave out)")
+    check_plan(threshold=threshold, keep_last=keep_last, blocks=blocks, count=count)
     M, _ = load_dependency(directory)
     cfg = parent_config(directory)
     if blocks is None:
@@ -167,6 +159,21 @@ def run_plan(directory, *, threshold: float | None = None, keep_last: bool = Fal
     path.write_text(json.dumps(plan, indent=2) + "\n")
     _record(directory, "plan", settings)
     return path
+
+
+def check_plan(*, threshold, keep_last, blocks, count) -> None:
+    """The plan stage's settings, checked before any stage runs (`nemojax fuse run` measures first)."""
+    if (threshold is None) == (blocks is None):
+        raise ValueError("--threshold or --blocks: give exactly one (FFN runs under a dependency threshold, or "
+                         "full-block windows of that many layers)")
+    if blocks is None and count is not None:
+        raise ValueError("--count: only with --blocks (FFN runs take every run under the threshold)")
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2):
+        raise ValueError(f"--blocks: a window holds an int >= 2 layers; got {blocks!r}")
+    if blocks is not None and keep_last:
+        raise ValueError("--keep-last: only with --threshold (full-block windows have no last FFN to leave out)")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"--threshold: a cosine distance, finite and >= 0; got {threshold!r}")
 
 
 def plan_table(plan: dict) -> str:
@@ -184,7 +191,7 @@ def operation(cfg: ModelConfig, start: int, stop: int) -> str:
     return "fuse" if all(s.kind in (*FFN_KINDS, "noop") for s in cfg.layers[start:stop]) else "parallelize"
 
 
-def _check_runs(runs, n: int) -> list[tuple[int, int]]:
+def check_runs(runs, n: int) -> list[tuple[int, int]]:
     out = []
     for r in runs:
         if not (isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(v, int) for v in r)
@@ -225,7 +232,7 @@ def run_apply(directory, *, norm: str | None = None, runs=None, eval_batches: in
                              "--blocks), or give --runs START:STOP,...")
         source = "plan"
     else:
-        chosen = [(a, b, operation(cfg, a, b)) for a, b in _check_runs(runs, len(cfg.layers))]
+        chosen = [(a, b, operation(cfg, a, b)) for a, b in check_runs(runs, len(cfg.layers))]
         source = "runs"
     if all(op == "parallelize" for *_, op in chosen):
         if norm is not None:
