@@ -75,7 +75,7 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err == "nemojax train: interrupted\n"
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "fuse"])
 def test_help_says_each_default_once_and_every_option_has_help(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
