@@ -133,7 +133,7 @@ def run_bld(directory, *, tokens: int, lr: float = 1e-3, batch_size: int | None 
 
 
 def run_score(directory, *, eval_batches: int = 4, batch_sizes=(1, 8), seq_len: int | None = None,
-              dtype: str = "bfloat16", measure: bool = True, gpu: str = "H100", progress: bool = True) -> Path:
+              dtype: str = "float32", measure: bool = True, gpu: str = "H100", progress: bool = True) -> Path:
     """Replace-one-layer scores on `eval_batches` held-out batches and the costs at every batch size
     (cost columns "<name>@<b>" for memory, latency and roofline; "params" and "experts" once). Uses
     BLD's weights for the candidates BLD trained."""
