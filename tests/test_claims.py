@@ -28,7 +28,7 @@ import nemojax as nj
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "experiments/ntk/README.md", "experiments/benchmarks/RESULTS.md",
-             "experiments/puzzle/README.md")
+             "experiments/puzzle/README.md", "experiments/fusion/README.md")
 MARKER = re.compile(r"<!--\s*source:\s*(\S+)\s*-->")
 
 # Sections whose tables still wait for their source marker and renderer: (document, heading prefix).
@@ -618,6 +618,140 @@ def puzzle_study_prose(d):
             f"decode speedup of {mip['speedup']['decode']:.2f}x",
             f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
             f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%"]
+
+
+# ---------------------------------------------------------------------- experiments/fusion/README.md
+FUSION = "experiments/fusion/README.md"
+THEORY = "experiments/fusion/results/theory.json"
+THEORY_OPS = ("remove", "linear", "fuse")
+THEORY_LABELS = {"alpha_law": "alpha-order law", "ntk_surgery": "residual NTK, output change",
+                 "ntk_kernel": "residual NTK, kernel change", "empirical_ntk": "empirical NTK change",
+                 "local_error": "local error", "rel_norm": "alpha alone", "cos_dist_x_fx": "1 - cos(x, f(x))",
+                 "cos_h_x": "abs cos(h, x)", "dependency": "dependency M[j, j+1]"}
+LAYER_KINDS = {"M": "Mamba", "E": "MoE", "*": "attention", "-": "MLP"}
+
+
+def theory_candidates(d):
+    return {(r["layer"], r["op"]): r for r in d["candidates"]}
+
+
+def fusion_ranks(d, values):
+    """Rank (1 = most damaging) of each fusion, by `values(row)`, keyed by its first layer."""
+    rows = sorted((r for r in d["candidates"] if r["op"] == "fuse"), key=values, reverse=True)
+    return {r["layer"]: k + 1 for k, r in enumerate(rows)}
+
+
+@table(THEORY)
+def theory_table(d):
+    rows = [["predictor", *THEORY_OPS, "all"]]
+    for name, label in THEORY_LABELS.items():
+        s = d["spearman"][name]
+        rows.append([label] + [f"{f2(s[op]['rho'])} (p={s[op]['p']:.2g})" if op in s else "-"
+                               for op in (*THEORY_OPS, "all")])
+    return rows
+
+
+@table(THEORY + "#layers")
+def theory_layers_table(d):
+    c, pattern = theory_candidates(d), d["meta"]["pattern"]
+    rows = [["layer", "kind", "alpha", "KL, remove", "KL, linear", "KL, fuse with the next layer"]]
+    for j, alpha in enumerate(d["layer_stats"]["alpha"]):
+        rows.append([str(j), LAYER_KINDS[pattern[j]], f"{alpha:.3f}"]
+                    + [f"{c[(j, op)]['measured']['kl']:.3g}" if (j, op) in c else "-" for op in THEORY_OPS])
+    return rows
+
+
+@prose(FUSION, THEORY)
+def theory_prose(d):
+    m, s, c, alpha = d["meta"], d["spearman"], theory_candidates(d), d["layer_stats"]["alpha"]
+    n = m["layers"]
+
+    def rho(name, op="all"):
+        return f2(s[name][op]["rho"])
+
+    def p(name, op="all"):
+        return f"{s[name][op]['p']:.2g}"
+
+    def kl(j, op):
+        return c[(j, op)]["measured"]["kl"]
+
+    def pred(j, op, name):
+        return c[(j, op)]["predicted"][name]
+
+    # the qualitative claims, checked before their numbers are rendered
+    overall = sorted((x for x in s if "all" in s[x]), key=lambda x: -s[x]["all"]["rho"])
+    assert overall[:4] == ["local_error", "ntk_kernel", "ntk_surgery", "alpha_law"], overall
+    assert all(s[x]["all"]["rho"] >= 0.8 for x in overall[:4])
+    everywhere = [x for x in s if all(op in s[x] and s[x][op]["rho"] >= 0.8 for op in THEORY_OPS)]
+    assert everywhere == ["local_error"], everywhere
+    for op, best in (("remove", "cos_dist_x_fx"), ("linear", "cos_dist_x_fx"), ("fuse", "empirical_ntk")):
+        assert max((x for x in s if op in s[x]), key=lambda x: s[x][op]["rho"]) == best, op
+    for j in range(n - 1):  # "fusing did less damage than linearising, and linearising less than removing"
+        assert kl(j, "fuse") < kl(j, "linear") < kl(j, "remove"), j
+    assert kl(n - 1, "linear") < kl(n - 1, "remove")
+    for op in THEORY_OPS:  # "layer 0 is the most damaging candidate of every operation"
+        assert max((k for k in c if k[1] == op), key=lambda k: kl(*k))[0] == 0, op
+    # the layer kinds the text names: Mamba 0, 4 and 6; attention 2 and 8, each followed by an MoE layer; MoE 7
+    pattern = m["pattern"]
+    assert (pattern[0], pattern[4], pattern[6], pattern[2:4], pattern[7:10]) == ("M", "M", "M", "*E", "E*E")
+    law = fusion_ranks(d, lambda r: r["predicted"]["alpha_law"])
+    measured = fusion_ranks(d, lambda r: r["measured"]["kl"])
+    entk = fusion_ranks(d, lambda r: r["predicted"]["empirical_ntk"])
+
+    def pooled_rank(key):  # mean rank (1 = most damaging) of the linearisations among all candidates
+        order = sorted(d["candidates"], key=key, reverse=True)
+        return mean(k for k, r in enumerate(order) if r["op"] == "linear")
+
+    # "the law ranks linearisations too low among all candidates"
+    assert pooled_rank(lambda r: r["predicted"]["alpha_law"]) > pooled_rank(lambda r: r["measured"]["kl"])
+    counts = [s["alpha_law"][op]["n"] for op in THEORY_OPS]
+
+    fused = [pred(j, "fuse", "local_error") / (alpha[j] * alpha[j + 1]) for j in range(n - 1)]
+    assert sorted(range(n - 1), key=lambda j: -fused[j])[:2] == [8, 2]  # "the two largest ratios"
+    theory_only = {s[x]["fuse"]["rho"] for x in ("alpha_law", "ntk_surgery", "ntk_kernel")}
+    assert len(theory_only) == 1 and max(theory_only) < 0.8
+    kept = [pred(j, "linear", "local_error") / alpha[j] for j in range(n)]
+    cost = [kl(j, "linear") / kl(j, "remove") for j in range(n)]
+    return [
+        f"({m['seconds'] / 60:.0f} min on the shared {m['cpus']}-core machine, jax {m['jax']})",
+        f"(`{m['pattern']}`, {n} layers;",
+        f"builds {len(d['candidates'])} candidates",
+        f"on {m['heldout_tokens']} held-out tokens",
+        f"on {m['calibration_tokens']} calibration tokens of the training split",
+        f"with the measured alphas and depth {n}",
+        f"at the last position of {m['ntk_windows']} windows of {m['ntk_context']} bytes",
+        f"({counts[0]}, {counts[1]} and {counts[2]} candidates) and over all {sum(counts)}",
+        f"With {min(counts)}-{max(counts)} candidates per operation",
+        f"but cannot compare operations, reaches only {rho('rel_norm')} overall",
+        f"Over all {len(d['candidates'])} candidates the local error (rho = {rho('local_error')}, "
+        f"p = {p('local_error')}) and the residual NTK's kernel change (rho = {rho('ntk_kernel')}, "
+        f"p = {p('ntk_kernel')}) rank the damage best. The residual NTK's output change ({rho('ntk_surgery')}) "
+        f"and the alpha-order law ({rho('alpha_law')}) follow.",
+        f"The local error is the only predictor with rho >= 0.8 in every operation "
+        f"({', '.join(rho('local_error', op) for op in THEORY_OPS)}).",
+        f"1 - cos(x, f(x)) is best for remove ({rho('cos_dist_x_fx', 'remove')}) and linear "
+        f"({rho('cos_dist_x_fx', 'linear')}), and the empirical NTK is best for fuse ({rho('empirical_ntk', 'fuse')})",
+        f"1 - cos(x, f(x)) reaches {rho('cos_dist_x_fx', 'fuse')} on fuse and {rho('cos_dist_x_fx')} overall, "
+        f"and the empirical NTK {rho('empirical_ntk', 'linear')} on linear",
+        f"A fusion's local error is {span(fused)}x the law's estimate",
+        f"leaves {span(kept)} of a layer's contribution",
+        f"leaves sqrt(1/2 - 1/pi) = {math.sqrt(0.5 - 1 / math.pi):.2f}",
+        f"costs {span(cost)}x the layer's removal, instead of the law's 1/2 - 1/pi = {0.5 - 1 / math.pi:.2f}x",
+        f"For the Mamba layers 4 and 6 it costs {cost[4]:.2f}x and {cost[6]:.2f}x their removal",
+        f"({rho('alpha_law')} overall, against {rho('local_error')} for the local error",
+        f"Layer 0 (the Mamba layer that reads the embeddings) has alpha = {alpha[0]:.1f}",
+        f"predicts a relative change of {pred(0, 'remove', 'alpha_law'):.0f}",
+        f"the cross-kernel output change saturates at {pred(0, 'remove', 'ntk_surgery'):.2f}",
+        f"only the alphas all reach rho = {rho('alpha_law', 'fuse')} (p = {p('alpha_law', 'fuse')}), below the "
+        "goal's 0.8",
+        f"the fused perturbation is {fused[2]:.2f}x and {fused[8]:.2f}x the law's estimate",
+        f"{law[2]}th of {n - 1}, but 2:fuse is measured {measured[2]}rd",
+        f"It ranks 7:fuse (MoE 7, then attention 8) {law[7]}th, but 7:fuse is measured {measured[7]}th",
+        f"comes closer on both ({entk[2]}nd and {entk[7]}th)",
+        f"(rho = {rho('dependency', 'fuse')}, p = {p('dependency', 'fuse')})",
+        f"(rho = {rho('empirical_ntk', 'linear')}, p = {p('empirical_ntk', 'linear')})",
+        f"(removal: {rho('empirical_ntk', 'remove')})",
+    ]
 
 
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
