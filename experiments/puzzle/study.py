@@ -111,7 +111,7 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
             for label, lm in runs:
                 out_dir = directory / "distill" / f"{bname}-{method}{'-lm' if lm else ''}"
                 print(f"  distill {out_dir.name}")
-                distill(pipeline._state(directory)["parent"], child, out_dir, steps=distill_steps, lr=distill_lr,
+                distill(pipeline.DIRECTORY.parent(directory), child, out_dir, steps=distill_steps, lr=distill_lr,
                         lm=lm, quiet=True, batch_size=distill_batch)
                 row[label] = score.compare(parent, load_run(out_dir)[1], batches)
             rows[method] = row

@@ -29,6 +29,7 @@ from nemojax.compress.fusion.plan import block_windows, ffn_runs
 from nemojax.compress.puzzle.distill import distill
 from nemojax.compress.puzzle.pipeline import heldout_batches
 from nemojax.compress.puzzle.score import compare
+from nemojax.compress.stages import StageDirectory
 from nemojax.config import ModelConfig
 from nemojax.io.hf import load_pretrained, save_pretrained
 from nemojax.nn.model import param_counts
@@ -36,43 +37,23 @@ from nemojax.train.loop import load_run
 
 STAGES = ("deps", "plan", "apply", "distill")
 STATE = "fusion.json"
+DIRECTORY = StageDirectory(STATE, "nemojax fuse", "an FFN Fusion directory", "deps")
 SURGERY = "surgery.json"
 NORMS = ("last", "fold")
 
 
 # ------------------------------------------------------------------------------------------ the directory
-def _state(directory) -> dict:
-    path = Path(directory) / STATE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not an FFN Fusion directory (no {STATE}); start with "
-                                "`nemojax fuse deps DIR --parent RUN`")
-    return json.loads(path.read_text())
-
-
-def _record(directory, stage: str, settings: dict) -> None:
-    state = _state(directory)
-    state.setdefault("stages", {})[stage] = settings
-    (Path(directory) / STATE).write_text(json.dumps(state, indent=2) + "\n")
-
-
-def _need(directory, name: str, stage: str) -> Path:
-    path = Path(directory) / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `nemojax fuse {stage} {directory}` first")
-    return path
-
-
 def init_directory(directory, parent_run=None) -> None:
     """Makes `directory` an FFN Fusion directory of `parent_run` (a no-op when it already is one of it);
     without `parent_run`, checks that it is one."""
     directory = Path(directory)
     if parent_run is None:
-        _state(directory)
+        DIRECTORY.state(directory)
         return
     parent_run = str(Path(parent_run).resolve())
     if (directory / STATE).exists():
-        if _state(directory)["parent"] != parent_run:
-            raise ValueError(f"--parent: {directory} belongs to the parent {_state(directory)['parent']}; "
+        if DIRECTORY.parent(directory) != parent_run:
+            raise ValueError(f"--parent: {directory} belongs to the parent {DIRECTORY.parent(directory)}; "
                              "use another directory")
         return
     if not (Path(parent_run) / "train_config.json").exists():
@@ -83,12 +64,12 @@ def init_directory(directory, parent_run=None) -> None:
 
 def load_parent(directory):
     """(TrainConfig, parent model) of an FFN Fusion directory."""
-    tc, parent, _ = load_run(_state(directory)["parent"])
+    tc, parent, _ = load_run(DIRECTORY.parent(directory))
     return tc, parent
 
 
 def parent_config(directory) -> ModelConfig:
-    return ModelConfig.load(Path(_state(directory)["parent"]) / "model_config.json")
+    return ModelConfig.load(Path(DIRECTORY.parent(directory)) / "model_config.json")
 
 
 def _nulls(a: np.ndarray) -> list:
@@ -112,20 +93,20 @@ def run_deps(directory, parent_run=None, *, eval_batches: int = 4, layers=None, 
     M = dependency_matrix(parent, batches, layers=layers, progress=progress)
     stats = residual_stats(parent, batches)
     settings = {"eval_batches": eval_batches, "layers": None if layers is None else list(layers)}
-    out = {"parent": _state(directory)["parent"], **settings, "pattern": parent.cfg.pattern,
+    out = {"parent": DIRECTORY.parent(directory), **settings, "pattern": parent.cfg.pattern,
            "kinds": [s.kind for s in parent.cfg.layers], "matrix": _nulls(M),
            "stats": {name: _nulls(v) for name, v in stats.items()}}
     path = directory / "dependency.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     plot_dependency(M, path.with_suffix(".png"), pattern=parent.cfg.pattern,
                     title=f"dependency M[i, j] ({eval_batches} held-out batches)")
-    _record(directory, "deps", settings)
+    DIRECTORY.record(directory, "deps", settings)
     return path
 
 
 def load_dependency(directory) -> tuple[np.ndarray, dict]:
     """(M [L, L] with NaN where undefined, residual statistics {name: [L]}) of the deps stage."""
-    saved = json.loads(_need(directory, "dependency.json", "deps").read_text())
+    saved = json.loads(DIRECTORY.need(Path(directory) / "dependency.json", "deps").read_text())
     return _nans(saved["matrix"]), {name: _nans(v) for name, v in saved["stats"].items()}
 
 
@@ -157,7 +138,7 @@ def run_plan(directory, *, threshold: float | None = None, keep_last: bool = Fal
     plan = {**settings, "runs": [describe(cfg, M, a, b, op) for a, b in ranges]}
     path = Path(directory) / "plan.json"
     path.write_text(json.dumps(plan, indent=2) + "\n")
-    _record(directory, "plan", settings)
+    DIRECTORY.record(directory, "plan", settings)
     return path
 
 
@@ -225,7 +206,7 @@ def run_apply(directory, *, norm: str | None = None, runs=None, eval_batches: in
     tc, parent = load_parent(directory)
     cfg = parent.cfg
     if runs is None:
-        plan = json.loads(_need(directory, "plan.json", "plan").read_text())
+        plan = json.loads(DIRECTORY.need(Path(directory) / "plan.json", "plan").read_text())
         chosen = [(r["start"], r["stop"], r["op"]) for r in plan["runs"]]
         if not chosen:
             raise ValueError(f"{directory / 'plan.json'} holds no runs: plan again with a higher --threshold (or "
@@ -247,7 +228,7 @@ def run_apply(directory, *, norm: str | None = None, runs=None, eval_batches: in
     save_pretrained(child, out)
     batches = heldout_batches(tc, eval_batches)
     record = {
-        "parent": _state(directory)["parent"], "source": source, "norm": norm,
+        "parent": DIRECTORY.parent(directory), "source": source, "norm": norm,
         "runs": [{"start": a, "stop": b, "op": op, "kinds": [s.kind for s in cfg.layers[a:b]]} for a, b, op in chosen],
         "pattern": {"parent": cfg.pattern, "fused": child.cfg.pattern},
         "params": {"parent": param_counts(cfg), "fused": param_counts(child.cfg)},
@@ -256,7 +237,7 @@ def run_apply(directory, *, norm: str | None = None, runs=None, eval_batches: in
         "heldout": {"parent": compare(parent, parent, batches), "fused": compare(parent, child, batches)},
     }
     (out / SURGERY).write_text(json.dumps(record, indent=2) + "\n")
-    _record(directory, "apply", {"norm": norm, "source": source, "runs": record["runs"], "eval_batches": eval_batches})
+    DIRECTORY.record(directory, "apply", {"norm": norm, "source": source, "runs": record["runs"], "eval_batches": eval_batches})
     return record
 
 
@@ -265,10 +246,10 @@ def run_distill(directory, *, steps: int, lr: float = 1e-3, quiet: bool = False,
     """Global distillation of DIR/fused from the parent into DIR/distill (resumes an interrupted run);
     returns the run's summary, whose "kl_to_parent" holds the held-out KL before and after."""
     directory = Path(directory)
-    child = load_pretrained(_need(directory, "fused", "apply"), progress=False)
+    child = load_pretrained(DIRECTORY.need(Path(directory) / "fused", "apply"), progress=False)
     out = directory / "distill"
-    summary = distill(_state(directory)["parent"], child, out, steps=steps, lr=lr, quiet=quiet, **overrides)
+    summary = distill(DIRECTORY.parent(directory), child, out, steps=steps, lr=lr, quiet=quiet, **overrides)
     if summary.get("interrupted"):
         raise KeyboardInterrupt(f"distillation stopped and saved in {out}; run it again to resume")
-    _record(directory, "distill", {"steps": steps, "lr": lr, **overrides})
+    DIRECTORY.record(directory, "distill", {"steps": steps, "lr": lr, **overrides})
     return summary

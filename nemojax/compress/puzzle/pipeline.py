@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.compress.puzzle import baselines, bld, library, score
+from nemojax.compress.stages import StageDirectory
 from nemojax.compress.puzzle.assemble import assemble_from_dirs
 from nemojax.compress.puzzle.distill import distill
 from nemojax.compress.puzzle.search import BUDGETS, Options, search, tabulate
@@ -31,33 +32,14 @@ from nemojax.train.loop import load_run, make_dataset
 
 STAGES = ("library", "bld", "score", "search", "assemble", "distill")
 STATE = "puzzle.json"
+DIRECTORY = StageDirectory(STATE, "nemojax puzzle", "a Puzzle directory", "library")
 BASELINES = {"greedy": baselines.greedy, "max_params": baselines.max_params, "noop_only": baselines.noop_only,
              "uniform": baselines.uniform}
 
 
-def _state(directory) -> dict:
-    path = Path(directory) / STATE
-    if not path.exists():
-        raise FileNotFoundError(f"{directory} is not a Puzzle directory (no {STATE}); start with "
-                                "`nemojax puzzle library DIR --parent RUN`")
-    return json.loads(path.read_text())
-
-
-def _record(directory, stage: str, settings: dict) -> None:
-    state = _state(directory)
-    state.setdefault("stages", {})[stage] = settings
-    (Path(directory) / STATE).write_text(json.dumps(state, indent=2) + "\n")
-
-
-def _need(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `nemojax puzzle {stage}` on this directory first")
-    return path
-
-
 def load_parent(directory):
     """(TrainConfig, parent model) of a Puzzle directory."""
-    tc, parent, _ = load_run(_state(directory)["parent"])
+    tc, parent, _ = load_run(DIRECTORY.parent(directory))
     return tc, parent
 
 
@@ -78,8 +60,8 @@ def run_library(directory, parent_run=None, *, kinds=None, layers=None, calibrat
     directory = Path(directory)
     if parent_run is not None:
         parent_run = str(Path(parent_run).resolve())
-        if (directory / STATE).exists() and _state(directory)["parent"] != parent_run:
-            raise ValueError(f"{directory} belongs to the parent {_state(directory)['parent']}; use another directory")
+        if (directory / STATE).exists() and DIRECTORY.parent(directory) != parent_run:
+            raise ValueError(f"{directory} belongs to the parent {DIRECTORY.parent(directory)}; use another directory")
         load_run(parent_run)  # a clear error now rather than after writing anything
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / STATE).exists():
@@ -92,14 +74,14 @@ def run_library(directory, parent_run=None, *, kinds=None, layers=None, calibrat
                 "calibration_batches": calibration_batches, "options": options or {}}
     path = directory / "library" / "library.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    library.save_library(path, candidates, {"parent": _state(directory)["parent"], **settings})
-    _record(directory, "library", settings)
+    library.save_library(path, candidates, {"parent": DIRECTORY.parent(directory), **settings})
+    DIRECTORY.record(directory, "library", settings)
     return path
 
 
 def _candidates(directory, tc, parent, *, trained: bool) -> dict:
     """{key: (layer, spec, module)} of the library, with BLD's weights where `trained` and BLD trained it."""
-    candidates, meta = library.load_library(_need(Path(directory) / "library" / "library.json", "library"), parent)
+    candidates, meta = library.load_library(DIRECTORY.need(Path(directory) / "library" / "library.json", "library"), parent)
     fits = any(c.recipe["op"] == "linear_fit" for c in candidates)
     states = None
     if fits:
@@ -126,7 +108,7 @@ def run_bld(directory, *, tokens: int, lr: float = 1e-3, batch_size: int | None 
     candidates = _candidates(directory, tc, parent, trained=False)
     record = bld.run_bld(parent, candidates, make_dataset(tc), Path(directory) / "bld", tokens=tokens, lr=lr,
                          batch_size=batch_size, heldout=make_dataset(tc, "validation").batch(0), progress=progress)
-    _record(directory, "bld", {"tokens": tokens, "lr": lr, "batch_size": batch_size})
+    DIRECTORY.record(directory, "bld", {"tokens": tokens, "lr": lr, "batch_size": batch_size})
     if any(r["status"] == "running" for r in record.values()):  # stopped by a signal: saved, not finished
         raise KeyboardInterrupt(f"BLD stopped and saved in {Path(directory) / 'bld'}; run it again to resume")
     return record
@@ -156,7 +138,7 @@ def run_score(directory, *, eval_batches: int = 4, batch_sizes=(1, 8), seq_len: 
     path = Path(directory) / "scores" / "scores.json"
     score.save_scores(path, scores, costs, meta)
     plot_scores(scores, path.with_suffix(".png"))
-    _record(directory, "score", meta)
+    DIRECTORY.record(directory, "score", meta)
     return path
 
 
@@ -186,7 +168,7 @@ def plot_scores(scores: dict, path) -> None:
 def options_table(directory, *, latency: str = "measured") -> Options:
     """The score stage's table as `search.Options`; `latency="roofline"` makes the latency budgets
     bound the analytic GPU estimates instead of the times measured here."""
-    scores, costs, _ = score.load_scores(_need(Path(directory) / "scores" / "scores.json", "score"))
+    scores, costs, _ = score.load_scores(DIRECTORY.need(Path(directory) / "scores" / "scores.json", "score"))
     if latency not in ("measured", "roofline"):
         raise ValueError(f"latency must be 'measured' or 'roofline'; got {latency!r}")
     if latency == "roofline":
@@ -215,20 +197,20 @@ def run_search(directory, budgets: dict, *, name: str | None = None, objective: 
     with `with_baselines`, the baselines' choices at the same budgets, in DIR/search/<name>.json."""
     if not budgets:
         raise ValueError(f"budgets: give at least one, e.g. decode_latency=0.5; budgets: {', '.join(BUDGETS)}")
-    _, _, meta = score.load_scores(_need(Path(directory) / "scores" / "scores.json", "score"))
+    _, _, meta = score.load_scores(DIRECTORY.need(Path(directory) / "scores" / "scores.json", "score"))
     batch_sizes = tuple(batch_sizes or meta["batch_sizes"])
     options = options_table(directory, latency=latency)
     found = search(options, budgets, objective=objective, batch_sizes=batch_sizes, relative=relative, k=k)
     out = {"budgets": budgets, "relative": relative, "objective": objective, "latency": latency, "mip": found}
     if with_baselines:
-        parent_cfg = ModelConfig.load(Path(_state(directory)["parent"]) / "model_config.json")
+        parent_cfg = ModelConfig.load(Path(DIRECTORY.parent(directory)) / "model_config.json")
         out["baselines"] = baseline_choices(options, budgets, parent_cfg, objective=objective,
                                             batch=found[0]["batch_size"], relative=relative)
     name = name or "_".join(f"{b}{v:g}" for b, v in budgets.items())
     path = Path(directory) / "search" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    _record(directory, f"search/{name}", {k_: v for k_, v in out.items() if k_ in ("budgets", "objective", "latency")})
+    DIRECTORY.record(directory, f"search/{name}", {k_: v for k_, v in out.items() if k_ in ("budgets", "objective", "latency")})
     return path
 
 
@@ -236,7 +218,7 @@ def run_assemble(directory, name: str, *, which: str = "mip", index: int = 0) ->
     """Builds the child chosen by search `name` (`which`: "mip" or a baseline's name; `index`: the
     k-th MIP solution) from the library and BLD weights into DIR/child/<name>[-which]/."""
     directory = Path(directory)
-    found = json.loads(_need(directory / "search" / f"{name}.json", "search").read_text())
+    found = json.loads(DIRECTORY.need(directory / "search" / f"{name}.json", "search").read_text())
     if which == "mip":
         keys = found["mip"][index]["keys"]
     elif which in found.get("baselines", {}) and "keys" in found["baselines"][which]:
@@ -257,9 +239,9 @@ def run_distill(directory, child: str, *, steps: int, lr: float = 1e-3, lm: bool
                 **overrides) -> dict:
     """Global distillation of DIR/child/<child> from the parent into DIR/distill/<child>[-lm]."""
     directory = Path(directory)
-    model = load_pretrained(_need(directory / "child" / child, "assemble"))
+    model = load_pretrained(DIRECTORY.need(directory / "child" / child, "assemble"))
     out = directory / "distill" / (child + ("-lm" if lm else ""))
-    summary = distill(_state(directory)["parent"], model, out, steps=steps, lr=lr, lm=lm, quiet=quiet, **overrides)
+    summary = distill(DIRECTORY.parent(directory), model, out, steps=steps, lr=lr, lm=lm, quiet=quiet, **overrides)
     if summary.get("interrupted"):
         raise KeyboardInterrupt(f"distillation stopped and saved in {out}; run it again to resume")
     return summary
