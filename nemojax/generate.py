@@ -1,5 +1,6 @@
 """Autoregressive generation: one prefill that fills SSD/conv states and KV caches, then a compiled
-decode loop (`lax.scan`) in which a Mamba layer costs the same at every step."""
+decode loop (`lax.scan`) in which a Mamba layer costs the same at every step; or speculative decoding
+with the model's MTP layers as the drafter (`nemojax.speculative`)."""
 
 from __future__ import annotations
 
@@ -7,44 +8,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nemojax.nn.ffn import inference_copy
 from nemojax.nn.model import HybridLM
-
-
-def sample_logits(logits, key, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
-    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else softmax sampling with
-    optional top-k and nucleus (top-p) truncation. Softmax in fp32."""
-    logits = logits.astype(jnp.float32)
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p: tokens whose preceding mass is < top_p
-        n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def _check_sampling(temperature, top_k, top_p, key, vocab_size: int):
-    if not temperature >= 0:  # also refuses nan
-        raise ValueError(f"temperature must be >= 0 (0: greedy); got {temperature}")
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        raise ValueError(f"top_k={top_k} and top_p={top_p} truncate the sampling distribution, but temperature 0 "
-                         "is greedy (argmax) and never samples; pass temperature > 0 or leave both None")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k must be None or in [1, vocab_size={vocab_size}]; got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or in (0, 1]; got {top_p}")
-    if temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs a PRNG `key`")
+from nemojax.sampling import check_sampling, sample_logits
+from nemojax.speculative import speculative_generate
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
@@ -67,18 +37,55 @@ def _generate(graphdef, state, tokens, key, *, max_new_tokens, temperature, top_
 
 
 def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, key=None):
+             top_k: int | None = None, top_p: float | None = None, key=None, *, draft: str | None = None,
+             num_draft: int | None = None, return_stats: bool = False):
     """Continue `tokens` (int [B, L]) by `max_new_tokens`; returns int32 [B, L + max_new_tokens].
 
     Greedy at `temperature` 0 (where `top_k` / `top_p` are errors: nothing is sampled), else sampling
     from softmax(logits / temperature), restricted to the `top_k` most likely tokens and to the smallest
-    set whose probability reaches `top_p` when given."""
+    set whose probability reaches `top_p` when given.
+
+    `draft="mtp"`: speculative decoding, the model's MTP layers drafting `num_draft` tokens per step
+    (default: the model's `mtp_depth`) that one cached forward verifies (`nemojax.speculative`). Greedy
+    output is plain greedy's; sampled output has plain sampling's distribution. With `return_stats`,
+    returns (tokens, stats): "steps" (verification forwards), "accepted_per_step" (int array [steps]:
+    drafts kept at each step, the minimum over the batch's rows; the last step's may run past
+    `max_new_tokens`), "acceptance_rate" (kept drafts / (steps * num_draft)) and "num_draft".
+    Prompts shorter than `num_draft` - 1 tokens are first extended by plain decoding (the deepest
+    drafting depth reads the token `num_draft` - 1 after its position); those tokens are not counted."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, length>0]; got shape {tokens.shape}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    _check_sampling(temperature, top_k, top_p, key, model.cfg.vocab_size)
+    check_sampling(temperature, top_k, top_p, key, model.cfg.vocab_size)
+    if draft not in (None, "mtp"):
+        raise ValueError(f"draft must be None (plain decoding) or 'mtp' (the model's MTP layers); got {draft!r}")
+    if draft is None and (num_draft is not None or return_stats):
+        raise ValueError(f"num_draft={num_draft} and return_stats={return_stats} are for speculative decoding; "
+                         "pass draft='mtp' or leave them unset")
+    if draft == "mtp" and model.cfg.mtp_depth == 0:
+        raise ValueError("draft='mtp' needs MTP layers, but this model has config.mtp_depth == 0")
+    if num_draft is not None and not (isinstance(num_draft, int) and num_draft >= 1):
+        raise ValueError(f"num_draft must be an int >= 1; got {num_draft!r}")
     graphdef, state = nnx.split(inference_copy(model))
-    return _generate(graphdef, state, tokens, jax.random.key(0) if key is None else key,
-                     max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p)
+    key = jax.random.key(0) if key is None else key
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    if draft is None:
+        return _generate(graphdef, state, tokens, key, max_new_tokens=max_new_tokens, **sampling)
+    num_draft = model.cfg.mtp_depth if num_draft is None else num_draft
+    plain = min(max(num_draft - 1 - tokens.shape[1], 0), max_new_tokens)
+    if plain:
+        key, k_plain = jax.random.split(key)
+        tokens = _generate(graphdef, state, tokens, k_plain, max_new_tokens=plain, **sampling)
+    steps, accepted = 0, jnp.zeros((0,), jnp.int32)
+    if max_new_tokens > plain:
+        total = tokens.shape[1] + max_new_tokens - plain
+        tokens, accepted, steps, *_ = speculative_generate(graphdef, state, tokens, key, num_draft=num_draft,
+                                                           max_new_tokens=max_new_tokens - plain, **sampling)
+        tokens, steps = tokens[:, :total], int(steps)
+        accepted = accepted[:steps]
+    if not return_stats:
+        return tokens
+    return tokens, {"steps": steps, "accepted_per_step": np.asarray(accepted), "num_draft": num_draft,
+                    "acceptance_rate": float(np.sum(accepted)) / max(steps * num_draft, 1)}

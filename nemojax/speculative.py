@@ -1,0 +1,166 @@
+"""Speculative decoding with the model's own multi-token-prediction (MTP) layers as the drafter.
+
+Each step feeds the last committed token and k drafted tokens through the main model in one cached
+forward, keeps the longest prefix of drafts the main model agrees with plus the main model's own token
+at the first disagreement, and drafts the next k tokens with the MTP layers. The whole loop is one
+compiled `lax.while_loop` over fixed-shape buffers.
+
+Drafting follows the training semantics of `HybridLM.mtp_logits`: virtual depth j (1..k) runs the
+MTP module `model.mtp[min(j, mtp_depth) - 1]` (one module per depth while there are enough, then the
+last one re-applied: Megatron's `mtp_use_repeated_layer`) on the pairs (embedding of token t, depth
+j-1's hidden state at token t-1), depth 0 being the main model's final hidden state; at token t it
+predicts token t+1. Every virtual depth has its own cache, holding its entries for the committed
+tokens; the k drafts after committed token n-1 are depth 1's prediction at n-1 and depth j's at the
+(j-1)-th draft, computed on a copy of depth j's cache that is then dropped. So with mtp_depth >= k
+the drafts are exactly the argmax (greedy) of `model.mtp_logits` on the committed tokens followed by
+the drafts.
+
+Rollback: attention caches are rolled back by position alone (slots past `pos` are masked and later
+overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read, so on a
+partial acceptance the main model's cache is restored from the copy taken before verification and
+the accepted tokens are run again (one more cached forward, only when a draft was rejected). The
+number of accepted tokens selects, through `lax.switch`, a branch whose forwards have static lengths.
+
+Batches: the cache has one position for all rows, so a step keeps the smallest number of accepted
+drafts over the rows; every row then emits its own token at that position (its accepted draft or its
+correction). Both are exact: a row's emitted tokens are what speculative sampling with fewer drafts
+would emit.
+
+Sampling (temperature > 0): draft j is drawn from q_j, the MTP logits under the same temperature /
+top-k / top-p as the target p; it is accepted with probability min(1, p(d) / q(d)), else the token
+is drawn from max(0, p - q) normalised, and after k accepted drafts one more from p. The emitted
+tokens are distributed as plain sampling's (Leviathan et al. 2023; Chen et al. 2023). Greedy keeps a
+draft iff it is the main model's argmax.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nemojax.nn.model import run_blocks
+from nemojax.sampling import sample_logits, truncated_logits
+
+
+def _mtp_forward(depth, emb, h, caches, pos):
+    """`MTPDepth.__call__` on a cache: (hidden [B, L, D], normed hidden, updated caches)."""
+    x = depth.eh_proj(jnp.concatenate([depth.enorm(emb), depth.hnorm(h.astype(emb.dtype))], axis=-1))
+    act_dtype = x.dtype
+    x, caches = run_blocks(depth.blocks, x.astype(jnp.float32) if depth.residual_in_fp32 else x, caches, pos,
+                           act_dtype)
+    return x, depth.final_layernorm(x), caches
+
+
+def _accept(logits, drafts, q, key, temperature, top_k, top_p):
+    """Verification of one step. logits [B, k+1, V] of the main model after the last committed token
+    and each draft; drafts [B, k]; q [B, k, V] the draft distributions (None when greedy).
+    Returns (accepted [B, k] bool, emitted [B, k+1]): emitted[:, i] is draft i where accepted, else the
+    main model's token at i (the correction; at i = k, the token after k accepted drafts)."""
+    if temperature == 0.0:
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return drafts == target[:, :-1], target
+    k_u, k_r = jax.random.split(key)
+    p = jax.nn.softmax(truncated_logits(logits, temperature, top_k, top_p), axis=-1)
+    p_d = jnp.take_along_axis(p[:, :-1], drafts[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    accepted = jax.random.uniform(k_u, drafts.shape) * q_d < p_d  # u < p/q, q(d) > 0 as d was drawn from q
+    residual = jnp.maximum(p - jnp.pad(q, ((0, 0), (0, 1), (0, 0))), 0.0)  # after k drafts: p itself
+    # p == q leaves nothing, but then the draft is always accepted and the draw unused
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)
+    resampled = jax.random.categorical(k_r, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(jnp.pad(accepted, ((0, 0), (0, 1))), jnp.pad(drafts, ((0, 0), (0, 1))), resampled)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_draft", "temperature", "top_k", "top_p"))
+def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_draft, temperature, top_k, top_p):
+    """tokens [B, L] with L >= num_draft - 1 -> (tokens [B, L + max_new_tokens + num_draft + 1] of which
+    the first cache["pos"] + 1 are committed (at least L + max_new_tokens; the last step may commit more),
+    accepted drafts per step [max_new_tokens] (entries past `steps` are 0), steps, the main model's cache
+    and the MTP depths' caches)."""
+    sampling = (temperature, top_k, top_p)
+    model = nnx.merge(graphdef, state)
+    k = num_draft
+    b, l = tokens.shape
+    total = l + max_new_tokens
+    max_len = total + k  # a verification near the end writes up to k positions past the last kept token
+    depths = [model.mtp[min(j, len(model.mtp)) - 1] for j in range(1, k + 1)]
+    ssm_dtype = jnp.dtype(model.cfg.ssm_cache_dtype)
+
+    def draft(mtp_caches, carries, n, key):
+        """Drafts [B, k] for tokens n..n+k-1 and their distributions [B, k, V] (None when greedy);
+        carries[j-1]: depth j's hidden state at committed token n-1."""
+        keys = jax.random.split(key, k)
+        logits = [model.logits(depths[0].final_layernorm(carries[0]))]
+        drafts = [sample_logits(logits[0], keys[0], *sampling)]
+        below = carries[0][:, None]  # depth j-1's hidden states at tokens n-1 .. n+j-3
+        for j in range(2, k + 1):
+            # depth j at tokens n .. n+j-2 (positions n-j .. n-2) embeds drafts 1..j-1
+            out, normed, _ = _mtp_forward(depths[j - 1], model.embed(jnp.stack(drafts, axis=1)), below,
+                                          mtp_caches[j - 1], n - j)
+            logits.append(model.logits(normed[:, -1]))
+            drafts.append(sample_logits(logits[-1], keys[j - 1], *sampling))
+            below = jnp.concatenate([carries[j - 1][:, None], out], axis=1)
+        q = None if temperature == 0.0 else jax.nn.softmax(
+            truncated_logits(jnp.stack(logits, axis=1), temperature, top_k, top_p), axis=-1)
+        return jnp.stack(drafts, axis=1), q
+
+    def advance(mtp_caches, carries, new_tokens, h, n):
+        """Enter committed tokens n .. n+m-1 (`new_tokens` [B, m]) into every depth's cache; h [B, m, D]:
+        the main model's hidden states at tokens n-1 .. n+m-2."""
+        m = new_tokens.shape[1]
+        emb = model.embed(new_tokens)
+        new_caches, new_carries = [], []
+        for j, depth in enumerate(depths, start=1):
+            out, _, c = _mtp_forward(depth, emb, h, mtp_caches[j - 1], n - j)
+            h = jnp.concatenate([carries[j - 1][:, None], out[:, :m - 1]], axis=1)
+            new_caches.append(c)
+            new_carries.append(out[:, -1])
+        return tuple(new_caches), tuple(new_carries)
+
+    k_first, key = jax.random.split(key)
+    cache = model.init_cache(b, max_len)
+    h, cache = model.hidden_states(tokens, cache)
+    first = sample_logits(model.logits(model.norm_f(h[:, -1])), k_first, *sampling)
+    seq = jnp.concatenate([tokens, first[:, None]], axis=1)
+
+    # Prefill depth j with tokens j .. L (positions 0 .. L-j); none when L = j - 1.
+    mtp_caches, carries, below = [], [], h
+    for j, depth in enumerate(depths, start=1):
+        c = tuple(blk.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype) for blk in depth.blocks)
+        if l - j + 1 > 0:
+            out, _, c = _mtp_forward(depth, model.embed(seq[:, j:]), below[:, :l - j + 1], c, 0)
+            below, carry = out, out[:, -1]
+        else:
+            carry = jnp.zeros((b, h.shape[-1]), h.dtype)  # depth k with no entries: no deeper depth reads it
+        mtp_caches.append(c)
+        carries.append(carry)
+    mtp_caches, carries = tuple(mtp_caches), tuple(carries)
+
+    out = jnp.zeros((b, total + k + 1), jnp.int32).at[:, :l + 1].set(seq)
+    log = jnp.zeros((max_new_tokens,), jnp.int32)
+
+    def step(carry):
+        out, n, cache, mtp_caches, carries, key, log, steps = carry
+        key, k_draft, k_verify = jax.random.split(key, 3)
+        drafts, q = draft(mtp_caches, carries, n, k_draft)
+        inp = jnp.concatenate([jax.lax.dynamic_slice_in_dim(out, n - 1, 1, axis=1), drafts], axis=1)
+        h, full = model.hidden_states(inp, cache)
+        accepted, emitted = _accept(model.logits(model.norm_f(h)), drafts, q, k_verify, *sampling)
+        a = jnp.min(jnp.sum(jnp.cumprod(accepted, axis=1), axis=1))
+        out = jax.lax.dynamic_update_slice_in_dim(out, emitted, n, axis=1)
+
+        def keep(a):
+            def branch():
+                main = full if a == k else model.hidden_states(inp[:, :a + 1], cache)[1]
+                return (main,) + advance(mtp_caches, carries, emitted[:, :a + 1], h[:, :a + 1], n)
+            return branch
+
+        cache, mtp_caches, carries = jax.lax.switch(a, [keep(i) for i in range(k + 1)])
+        return out, n + a + 1, cache, mtp_caches, carries, key, log.at[steps].set(a), steps + 1
+
+    init = (out, jnp.int32(l + 1), cache, mtp_caches, carries, key, log, jnp.int32(0))
+    out, _, cache, mtp_caches, *_, log, steps = jax.lax.while_loop(lambda c: c[1] < total, step, init)
+    return out, log, steps, cache, mtp_caches
