@@ -754,6 +754,88 @@ def theory_prose(d):
     ]
 
 
+FUSION_STUDY = "experiments/fusion/results/study.json"
+
+
+def latency_ratio(d, name, phase, ref="base"):
+    return d["latency"][name][phase] / d["latency"][ref][phase]
+
+
+@table(FUSION_STUDY)
+def fusion_study_table(d):
+    acc = d["base"]["eval"]["accuracy"]
+    rows = [["child of the base", "layers", "KL to the base", "accuracy / base's", "after distillation",
+             "prefill latency / base's", "decode latency / base's"]]
+    for name, r in d["children"].items():
+        after = r.get("after")
+        rows.append([name, f"`{r['pattern']}`", f"{r['before']['kl']:.3f}", f"{100 * r['before']['accuracy'] / acc:.1f}%",
+                     f"{100 * after['accuracy'] / acc:.1f}%" if after else "-",
+                     f"{latency_ratio(d, name, 'prefill'):.2f} ({d['latency'][name]['prefill_spread']:.2f})",
+                     f"{latency_ratio(d, name, 'decode'):.2f} ({d['latency'][name]['decode_spread']:.2f})"])
+    return rows
+
+
+@table(FUSION_STUDY + "#blocks")
+def fusion_blocks_table(d):
+    acc = d["parent"]["eval"]["accuracy"]
+    rows = [["windows of", "parallelised (greedy order)", "layers", "KL to the parent", "accuracy / parent's",
+             "decode latency / parent's"]]
+    for size, runs in d["blocks"].items():
+        for n, r in enumerate(runs, start=1):
+            rows.append([size, ", ".join(f"{a}-{b - 1}" for a, b in r["windows"]), f"`{r['pattern']}`",
+                         f"{r['before']['kl']:.3f}", f"{100 * r['before']['accuracy'] / acc:.1f}%",
+                         f"{latency_ratio(d, f'blocks{size} x{n}', 'decode', 'parent'):.2f}"])
+    return rows
+
+
+@table(FUSION_STUDY + "#stats")
+def fusion_stats_table(d):
+    pattern, st = d["base"]["pattern"], d["residual_stats"]
+    rows = [["layer of the base", "kind", "cos-dist(x, f(x))", "abs h / abs x", "cos(h, x)", "replace-one KL"]]
+    for j, kind in enumerate(pattern):
+        if kind != ".":
+            rows.append([str(j), LAYER_KINDS[kind], f"{st['cos_dist_x_fx'][j]:.3f}", f"{st['rel_norm'][j]:.3f}",
+                         f"{st['cos_h_x'][j]:.3f}", f"{d['ffn_importance'][str(j)]:.3f}"
+                         if str(j) in d["ffn_importance"] else "-"])
+    return rows
+
+
+@prose(FUSION, FUSION_STUDY)
+def fusion_study_prose(d):
+    c, base_acc, m = d["children"], d["base"]["eval"]["accuracy"], d["meta"]
+
+    def acc(name, stage="before"):
+        return f"{100 * c[name][stage]['accuracy'] / base_acc:.1f}%"
+
+    def kl(name):
+        return f"{c[name]['before']['kl']:.3f}"
+
+    # the qualitative claims the text makes
+    assert c["fuse 3-7"]["before"]["kl"] > c["fuse 1-5"]["before"]["kl"]  # fusing the last FFN costs more
+    assert c["reversed 1-5"]["before"]["kl"] > c["fuse 1-5"]["before"]["kl"]  # reordering costs more than fusing
+    assert c["fuse 1-7"]["before"]["kl"] > c["fuse 1-5"]["before"]["kl"] > c["fuse 1-3"]["before"]["kl"]
+    blocks = [r["before"]["accuracy"] / d["parent"]["eval"]["accuracy"] for rows in d["blocks"].values() for r in rows]
+    assert min(blocks) > 0.5  # no collapse
+    assert c["remove 2 FFN"]["before"]["kl"] > c["fuse 1-5"]["before"]["kl"]
+    rel = [x for x in d["residual_stats"]["rel_norm"] if x is not None]
+    spreads = [v[f"{phase}_spread"] for v in d["latency"].values() for phase in ("prefill", "decode")]
+    return [f"{m['base_steps']} steps of {m['distill_batch']} sequences",
+            f"{m['distill_steps']} steps",
+            f"keeps {100 * d['base']['vs_parent']['accuracy'] / d['parent']['eval']['accuracy']:.1f}% of the parent's",
+            f"KL {kl('fuse 1-3')}, {kl('fuse 1-5')} and {kl('fuse 1-7')}",
+            f"{acc('fuse 1-3', 'after')}, {acc('fuse 1-5', 'after')} and {acc('fuse 1-7', 'after')}",
+            f"3-7 costs KL {kl('fuse 3-7')} against {kl('fuse 1-5')}",
+            f"{acc('fuse 3-7', 'after')} against {acc('fuse 1-5', 'after')}",
+            f"in reversed order costs KL {kl('reversed 1-5')}",
+            f"fold: KL {kl('fuse 1-5 fold')} and {kl('fuse 1-7 fold')} against {kl('fuse 1-5')} and {kl('fuse 1-7')}",
+            f"removing it costs KL {kl('remove 1 FFN')}",
+            f"{acc('remove 1 FFN', 'after')} after distillation",
+            f"lowest is {100 * min(blocks):.1f}%",
+            f"Removing two costs more than fusing three (KL {kl('remove 2 FFN')})",
+            f"abs x of {span(rel[1:])} after the first layer",
+            f"spreads of {span(spreads, lambda x: f'{x:.1f}')}x over rounds"]
+
+
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
 def test_every_table_with_numbers_names_its_source():
     unbacked = [f"{t.document}:{t.line} (section {t.section!r}): {' | '.join(t.rows[0])}"
