@@ -611,9 +611,13 @@ def puzzle_study_prose(d):
     mip = goal["mip"]
     others = {m: r["after"]["accuracy"] for m, r in goal.items() if m != "mip" and "after" in r}
     best_other = max(others, key=others.get)
-    m = d["meta"]
+    m, lat = d["meta"], d["latency_setting"]
+    sb, eb = m["score_batches"], m["eval_batches"]
     return [f"{m['bld_tokens']} tokens per candidate",
-            f"{m['distill_steps']} steps of {m['distill_batch']} sequences",
+            f"{m['distill_steps']} steps of {m['distill_batch']} sequences of {lat['prompt']} bytes",
+            f"the replace-one scores use held-out batches 0-{sb - 1}",
+            f"on held-out batches {sb}-{sb + eb - 1}, which chose nothing",
+            f"prefill of {lat['prompt']} bytes and decode steps at batch {lat['batch']}",
             f"keeps {100 * mip['after']['accuracy'] / acc:.1f}% of the parent's next-token accuracy",
             f"decode speedup of {mip['speedup']['decode']:.2f}x",
             f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
