@@ -9,6 +9,7 @@ from flax import nnx
 from nemojax.config import MLPSpec, MoESpec
 from nemojax.nn.layers import KEEP, CorrectionBias, Linear, Stateless
 from nemojax.ops.ffn import ffn
+from nemojax.ops.ffn.reference import relu2
 from nemojax.ops.moe import (IMPLEMENTATIONS, moe_ffn, route, router_z_loss, routing_stats, seq_aux_loss,
                              update_correction_bias)
 from nemojax.ops.moe.expert_parallel import moe_ffn_expert_parallel
@@ -27,6 +28,12 @@ class MLP(Stateless, nnx.Module):
 
     def __call__(self, x, cache=None, pos=0):
         up, down = self.up_proj, self.down_proj
+        if up.precision is not None:  # low-precision training: each projection quantises its own matmuls
+            if self.implementation == "pallas":
+                raise ValueError("MLP: the fused 'pallas' FFN never materialises the up projection, so it cannot "
+                                 "quantise the down projection's input; use implementation None or 'xla' with a "
+                                 "precision recipe")
+            return down(relu2(up.fp32(x)).astype(x.dtype)), cache  # relu2_ffn's steps, through the layers
         y = ffn(x, up.kernel[...], down.kernel[...], None if up.bias is None else up.bias[...],
                 None if down.bias is None else down.bias[...], implementation=self.implementation)
         return y, cache

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.ops.norms import rms_norm
+from nemojax.quant.linear import quantized_matmul
 
 
 class _Keep:
@@ -21,12 +22,21 @@ class CorrectionBias(nnx.Variable):
     """MoE selection bias: updated by load balancing, never by the optimizer (not an nnx.Param)."""
 
 
-def dense(x, kernel, bias=None):
-    """x @ kernel (+ bias) accumulated in fp32, returned in x's dtype."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+def dense_fp32(x, kernel, bias=None, precision=None, key=None):
+    """x @ kernel (+ bias) accumulated and returned in fp32. With a `precision`
+    (`nemojax.quant.linear.Precision`) the matmul and its two gradients run on quantised operands
+    (`quantized_matmul`, whose backward takes `key`)."""
+    kernel = kernel.astype(x.dtype)
+    y = (jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32) if precision is None
+         else quantized_matmul(x, kernel, precision, key))
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y
+
+
+def dense(x, kernel, bias=None):
+    """x @ kernel (+ bias) accumulated in fp32, returned in x's dtype."""
+    return dense_fp32(x, kernel, bias).astype(x.dtype)
 
 
 class Linear(nnx.Module):
@@ -36,9 +46,18 @@ class Linear(nnx.Module):
                  rngs: nnx.Rngs):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        # low-precision training (`nemojax.quant.training.configure_precision`): a Precision, and the key of
+        # its backward's randomness, set for every step (`set_rounding_keys`)
+        self.precision = None
+        self.rounding_key = None
+
+    def fp32(self, x):
+        """The layer's output before the cast to x's dtype."""
+        return dense_fp32(x, self.kernel[...], None if self.bias is None else self.bias[...], self.precision,
+                          self.rounding_key)
 
     def __call__(self, x):
-        return dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
+        return self.fp32(x).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
