@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemojax.ops.moe import IMPLEMENTATIONS as MOE_IMPLEMENTATIONS
+from nemojax.quant.linear import RECIPES, SWITCHES, Precision, default_high_precision_layers, recipe
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -35,7 +36,20 @@ class TrainConfig:
     b2: float = field(default=0.95, metadata={"help": "Adam's second-moment decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "global-norm gradient clipping (0: off)"})
     compute_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (fp32 master weights)"})
-    seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the data order"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights, the data order and the "
+                                                    "quantisation randomness"})
+    # low-precision training (nemojax.quant.linear, nemojax.quant.training)
+    precision: str = field(default="bf16", metadata={
+        "help": "the linear layers' matmuls (forward and both gradients): bf16 (unquantised, in --compute-dtype), "
+                "fp8 (E4M3 weights and activations, E5M2 gradients, per-tensor scaling) or nvfp4 (the NVFP4 "
+                "pretraining recipe); routed experts, router, norms, SSM scan, embeddings and LM head stay "
+                "unquantised"})
+    precision_disable: str | None = field(default=None, metadata={
+        "help": "parts of the --precision recipe to switch off for ablations, comma-separated: "
+                + ", ".join(SWITCHES), "default": "none"})
+    high_precision_layers: str | None = field(default=None, metadata={
+        "help": "layers left unquantised, as first=N,last=M",
+        "default": "fp8: first=1,last=1; nvfp4: 2/62 and 8/62 of the layers, rounded up"})
     # MoE and MTP
     moe_implementation: str | None = field(default=None, metadata={"help": "MoE dispatch: " + ", ".join(MOE_IMPLEMENTATIONS),
                                                                    "default": "the fastest for the backend"})
@@ -85,6 +99,31 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless); got {self.capacity_factor}")
+        if self.precision not in RECIPES:
+            raise ValueError(f"precision must be one of {tuple(RECIPES)}; got {self.precision!r}")
+        self.precision_recipe()  # checks precision_disable
+        if self.high_precision_layers is not None:
+            if RECIPES[self.precision] is None:
+                raise ValueError(f"high_precision_layers: only with a quantised precision {tuple(RECIPES)[1:]}; got "
+                                 f"{self.high_precision_layers!r} with precision {self.precision!r}")
+            self.high_precision_counts(0)  # checks its syntax
+
+    def precision_recipe(self) -> Precision | None:
+        """The Precision of the linear layers' matmuls (None: unquantised)."""
+        disable = () if self.precision_disable is None else tuple(self.precision_disable.split(","))
+        return recipe(self.precision, disable)
+
+    def high_precision_counts(self, num_layers: int) -> tuple[int, int]:
+        """(first, last) layers kept unquantised: `high_precision_layers`, or the recipe's default for a
+        model of `num_layers` layers."""
+        if self.high_precision_layers is None:
+            return default_high_precision_layers(self.precision, num_layers)
+        items = self.high_precision_layers.split(",")
+        parts = dict(p.partition("=")[::2] for p in items)
+        if len(items) != 2 or sorted(parts) != ["first", "last"] or not all(v.isdigit() for v in parts.values()):
+            raise ValueError(f"high_precision_layers must be first=N,last=M with integers N, M >= 0; got "
+                             f"{self.high_precision_layers!r}")
+        return int(parts["first"]), int(parts["last"])
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -3,7 +3,8 @@ that resume bit for bit, JSONL metrics, a tqdm bar, a loss plot, and a save on S
 
 Exact resume: the whole state that the next step depends on is checkpointed (params, optimizer state
 with its step count, router correction biases), and the data are a pure function of (seed, step), so
-the data position is the step itself. Each checkpoint's arrays carry checksums; a damaged newest
+the data position is the step itself (and so is the randomness of quantised training:
+`quant.training.rounding_key`). Each checkpoint's arrays carry checksums; a damaged newest
 checkpoint is set aside (moved, never deleted) and the run resumes from the newest intact one.
 """
 
@@ -29,6 +30,7 @@ from nemojax import data as data_mod
 from nemojax.io.checkpoint import Checkpointer
 from nemojax.nn.ffn import configure_moe
 from nemojax.nn.model import HybridLM
+from nemojax.quant.training import configure_precision
 from nemojax.train import losses, memory
 from nemojax.train.config import TrainConfig
 from nemojax.train.metrics import MetricsLog, plot_metrics, read_metrics
@@ -67,8 +69,9 @@ def load_weights(model: HybridLM, source: HybridLM) -> None:
 def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | None = None, mesh=None,
                 weights: HybridLM | None = None) -> HybridLM:
     """The preset's model (or `model_config`'s, which overrides the preset), set up for training; on a
-    `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch). Its
-    weights are a fresh init, or copies of `weights`'s (a model of the same config; see `load_weights`)."""
+    `mesh` with an "expert" axis > 1 its MoE layers run expert-parallel (all-to-all dispatch); its linear
+    layers run at `tc.precision`. Its weights are a fresh init, or copies of `weights`'s (a model of the
+    same config; see `load_weights`)."""
     cfg = model_config or presets.get(tc.preset)
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"model {cfg.name or tc.preset!r} has vocab_size {cfg.vocab_size} < the dataset's "
@@ -81,6 +84,8 @@ def build_model(tc: TrainConfig, vocab_size: int, model_config: ModelConfig | No
     expert_parallel = mesh is not None and mesh.shape["expert"] > 1
     configure_moe(model, implementation=tc.moe_implementation, capacity_factor=tc.capacity_factor,
                   collect_stats=True, expert_mesh=mesh if expert_parallel else None)
+    first, last = tc.high_precision_counts(len(cfg.layers))
+    configure_precision(model, tc.precision_recipe(), first=first, last=last)
     return model
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from nemojax.nn.ffn import pop_moe_stats, update_correction_biases
 from nemojax.nn.registry import rule_at
+from nemojax.quant.training import rounding_key, set_rounding_keys
 from nemojax.train import losses
 from nemojax.train.config import TrainConfig
 from nemojax.train.optimizer import schedule
@@ -69,10 +70,13 @@ def _moe_metrics(stats) -> dict:
     return out
 
 
-def objective(graphdef, tc: TrainConfig, loss_fn, params, rest, batch):
-    """loss_fn's loss on the compute copy of `params`, plus the MoE auxiliary terms.
-    Returns (loss, (metrics, moe stats))."""
+def objective(graphdef, tc: TrainConfig, loss_fn, params, rest, batch, key=None):
+    """loss_fn's loss on the compute copy of `params`, plus the MoE auxiliary terms; `key`: the
+    step's key of quantised training's randomness (`quant.training.rounding_key`), needed to differentiate
+    a recipe with stochastic rounding or the Hadamard transform. Returns (loss, (metrics, moe stats))."""
     model = nnx.merge(graphdef, cast_for_compute(params, tc.compute_dtype), rest)
+    if key is not None:
+        set_rounding_keys(model, key)
     loss, metrics = loss_fn(model, batch)
     metrics = dict(metrics)
     stats = pop_moe_stats(model)
@@ -90,11 +94,14 @@ def make_train_step(graphdef, tx, tc: TrainConfig, grad_shardings=None, loss_fn=
     reduce-scatter rather than a full all-reduce."""
     lr_at = schedule(tc)
     loss_fn = default_loss_fn(tc) if loss_fn is None else loss_fn
+    precision = tc.precision_recipe()
+    random_rounding = precision is not None and precision.needs_key
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
+        key = rounding_key(tc.seed, state["step"]) if random_rounding else None
         grad_fn = jax.value_and_grad(partial(objective, graphdef, tc, loss_fn), has_aux=True)
-        (_, (metrics, stats)), grads = grad_fn(state["params"], state["rest"], batch)
+        (_, (metrics, stats)), grads = grad_fn(state["params"], state["rest"], batch, key)
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
