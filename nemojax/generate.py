@@ -51,8 +51,8 @@ def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: flo
     returns (tokens, stats): "steps" (verification forwards), "accepted_per_step" (int array [steps]:
     drafts kept at each step, the minimum over the batch's rows; the last step's may run past
     `max_new_tokens`), "acceptance_rate" (kept drafts / (steps * num_draft)) and "num_draft".
-    Prompts shorter than `num_draft` - 1 tokens are first extended by plain decoding (the deepest
-    drafting depth reads the token `num_draft` - 1 after its position); those tokens are not counted."""
+    A prompt shorter than `num_draft` - 1 tokens is first extended to that length by plain decoding (the
+    deepest drafting depth starts at token `num_draft` - 1); those tokens are not in the stats."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, length>0]; got shape {tokens.shape}")

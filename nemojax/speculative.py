@@ -15,22 +15,24 @@ tokens; the k drafts after committed token n-1 are depth 1's prediction at n-1 a
 the drafts are exactly the argmax (greedy) of `model.mtp_logits` on the committed tokens followed by
 the drafts.
 
-Rollback: attention caches are rolled back by position alone (slots past `pos` are masked and later
-overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read, so on a
-partial acceptance the main model's cache is restored from the copy taken before verification and
-the accepted tokens are run again (one more cached forward, only when a draft was rejected). The
-number of accepted tokens selects, through `lax.switch`, a branch whose forwards have static lengths.
+Rollback: attention caches could be rolled back by position alone (slots past `pos` are masked and
+later overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read, so
+on a partial acceptance the main model goes back to its cache from before verification and runs the
+accepted tokens again (a second forward, only when a draft was rejected); exact for every layer kind.
+The number of accepted tokens selects, through `lax.switch`, a branch whose forwards have static
+lengths; the same branch enters the committed tokens into the MTP depths' caches.
 
 Batches: the cache has one position for all rows, so a step keeps the smallest number of accepted
-drafts over the rows; every row then emits its own token at that position (its accepted draft or its
-correction). Both are exact: a row's emitted tokens are what speculative sampling with fewer drafts
-would emit.
+drafts over the rows, and every row emits its own token at that position (its accepted draft or its
+correction). Exact: given the tokens before it, each accepted draft and each correction is distributed
+as the target (the speculative sampling lemma), whatever the other rows did.
 
 Sampling (temperature > 0): draft j is drawn from q_j, the MTP logits under the same temperature /
 top-k / top-p as the target p; it is accepted with probability min(1, p(d) / q(d)), else the token
 is drawn from max(0, p - q) normalised, and after k accepted drafts one more from p. The emitted
 tokens are distributed as plain sampling's (Leviathan et al. 2023; Chen et al. 2023). Greedy keeps a
-draft iff it is the main model's argmax.
+draft iff it is the main model's argmax, so its output is plain greedy decoding's (up to a near-tie
+between two logits, which a k+1-token forward and a one-token forward may round differently).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def test_caches_after_speculative_decoding_equal_a_plain_forward_over_the_tokens
     assert 0 < np.sum(kept < k) < len(kept)  # rollbacks happened, and full acceptances
     n = int(cache["pos"])  # the cache holds every committed token but the last
     assert n == PROMPT_LEN + np.sum(kept + 1)
-    _, want = MODEL.forward(out[:, :n], MODEL.init_cache(b, cache["layers"][1]["k"].shape[2]))
+    _, want = nnx.jit(lambda m, t: m.forward(t, m.init_cache(b, cache["layers"][1]["k"].shape[2])))(MODEL, out[:, :n])
     mamba, attn = cache["layers"][0], cache["layers"][1]
     assert rel_err(mamba, want["layers"][0]) < 1e-5
     assert rel_err([attn["k"][:, :, :n], attn["v"][:, :, :n]], [want["layers"][1][x][:, :, :n] for x in "kv"]) < 1e-5
