@@ -43,17 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nemojax.nn.model import run_blocks
 from nemojax.sampling import sample_logits, truncated_logits
-
-
-def _mtp_forward(depth, emb, h, caches, pos):
-    """`MTPDepth.__call__` on a cache: (hidden [B, L, D], normed hidden, updated caches)."""
-    x = depth.eh_proj(jnp.concatenate([depth.enorm(emb), depth.hnorm(h.astype(emb.dtype))], axis=-1))
-    act_dtype = x.dtype
-    x, caches = run_blocks(depth.blocks, x.astype(jnp.float32) if depth.residual_in_fp32 else x, caches, pos,
-                           act_dtype)
-    return x, depth.final_layernorm(x), caches
 
 
 def _accept(logits, drafts, q, key, temperature, top_k, top_p):
@@ -100,8 +90,7 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
         below = carries[0][:, None]  # depth j-1's hidden states at tokens n-1 .. n+j-3
         for j in range(2, k + 1):
             # depth j at tokens n .. n+j-2 (positions n-j .. n-2) embeds drafts 1..j-1
-            out, normed, _ = _mtp_forward(depths[j - 1], model.embed(jnp.stack(drafts, axis=1)), below,
-                                          mtp_caches[j - 1], n - j)
+            out, normed, _ = depths[j - 1](model.embed(jnp.stack(drafts, axis=1)), below, mtp_caches[j - 1], n - j)
             logits.append(model.logits(normed[:, -1]))
             drafts.append(sample_logits(logits[-1], keys[j - 1], *sampling))
             below = jnp.concatenate([carries[j - 1][:, None], out], axis=1)
@@ -116,7 +105,7 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
         emb = model.embed(new_tokens)
         new_caches, new_carries = [], []
         for j, depth in enumerate(depths, start=1):
-            out, _, c = _mtp_forward(depth, emb, h, mtp_caches[j - 1], n - j)
+            out, _, c = depth(emb, h, mtp_caches[j - 1], n - j)
             h = jnp.concatenate([carries[j - 1][:, None], out[:, :m - 1]], axis=1)
             new_caches.append(c)
             new_carries.append(out[:, -1])
@@ -131,9 +120,9 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
     # Prefill depth j with tokens j .. L (positions 0 .. L-j); none when L = j - 1.
     mtp_caches, carries, below = [], [], h
     for j, depth in enumerate(depths, start=1):
-        c = tuple(blk.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype) for blk in depth.blocks)
+        c = depth.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype)
         if l - j + 1 > 0:
-            out, _, c = _mtp_forward(depth, model.embed(seq[:, j:]), below[:, :l - j + 1], c, 0)
+            out, _, c = depth(model.embed(seq[:, j:]), below[:, :l - j + 1], c, 0)
             below, carry = out, out[:, -1]
         else:
             carry = jnp.zeros((b, h.shape[-1]), h.dtype)  # depth k with no entries: no deeper depth reads it

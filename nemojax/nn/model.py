@@ -91,11 +91,17 @@ class MTPDepth(nnx.Module):
         self.final_layernorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype)
         self.residual_in_fp32 = cfg.residual_in_fp32
 
-    def __call__(self, emb_next, h):
+    def init_cache(self, batch: int, max_len: int, *, dtype, ssm_dtype):
+        return tuple(b.init_cache(batch, max_len, dtype=dtype, ssm_dtype=ssm_dtype) for b in self.blocks)
+
+    def __call__(self, emb_next, h, cache=None, pos=0):
+        """(hidden [B, L, D], normed hidden) or, with a `cache` from `init_cache` holding `pos` positions,
+        (hidden, normed hidden, updated cache): speculative decoding drafts with a cache per depth."""
         x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h.astype(emb_next.dtype))], axis=-1))
         act_dtype = x.dtype
-        x, _ = run_blocks(self.blocks, x.astype(jnp.float32) if self.residual_in_fp32 else x, act_dtype=act_dtype)
-        return x, self.final_layernorm(x)
+        x, cache = run_blocks(self.blocks, x.astype(jnp.float32) if self.residual_in_fp32 else x, cache, pos,
+                              act_dtype)
+        return (x, self.final_layernorm(x)) if cache is None else (x, self.final_layernorm(x), cache)
 
 
 class HybridLM(nnx.Module):
