@@ -823,6 +823,9 @@ def fusion_study_prose(d):
     assert c["remove 2 FFN"]["before"]["kl"] > c["fuse 1-5"]["before"]["kl"]
     rel = [x for x in d["residual_stats"]["rel_norm"] if x is not None]
     spreads = [v[f"{phase}_spread"] for v in d["latency"].values() for phase in ("prefill", "decode")]
+
+    def decode(names):
+        return [latency_ratio(d, n, "decode") for n in names]
     return [f"{m['base_steps']} steps of {m['distill_batch']} sequences",
             f"{m['distill_steps']} steps",
             f"keeps {100 * d['base']['vs_parent']['accuracy'] / d['parent']['eval']['accuracy']:.1f}% of the parent's",
@@ -837,7 +840,9 @@ def fusion_study_prose(d):
             f"lowest is {100 * min(blocks):.1f}%",
             f"Removing two costs more than fusing three (KL {kl('remove 2 FFN')})",
             f"abs x of {span(rel[1:])} after the first layer",
-            f"spreads of {span(spreads, lambda x: f'{x:.1f}')}x over rounds"]
+            f"spreads of {span(spreads, lambda x: f'{x:.1f}')}x over rounds",
+            f"the fused children decode at {span(decode(n for n in c if n.startswith('fuse')))}x the base's "
+            f"latency and the pruned ones at {span(decode(n for n in c if n.startswith('remove')))}x"]
 
 
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
