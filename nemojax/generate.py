@@ -11,17 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nemojax.nn.attention import check_kv_cache_dtype
 from nemojax.nn.ffn import inference_copy
 from nemojax.nn.model import HybridLM
 from nemojax.sampling import check_sampling, sample_logits
 from nemojax.speculative import speculative_generate
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, tokens, key, *, max_new_tokens, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "kv_cache_dtype"))
+def _generate(graphdef, state, tokens, key, *, max_new_tokens, temperature, top_k, top_p, kv_cache_dtype):
     model = nnx.merge(graphdef, state)
     b, l = tokens.shape
-    cache = model.init_cache(b, l + max_new_tokens)
+    cache = model.init_cache(b, l + max_new_tokens, kv_cache_dtype=kv_cache_dtype)
     logits, cache = model.forward(tokens, cache)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
@@ -38,7 +39,7 @@ def _generate(graphdef, state, tokens, key, *, max_new_tokens, temperature, top_
 
 def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, key=None, *, draft: str | None = None,
-             num_draft: int | None = None, return_stats: bool = False):
+             num_draft: int | None = None, return_stats: bool = False, kv_cache_dtype: str | None = None):
     """Continue `tokens` (int [B, L]) by `max_new_tokens`; returns int32 [B, L + max_new_tokens].
 
     Greedy at `temperature` 0 (where `top_k` / `top_p` are errors: nothing is sampled), else sampling
@@ -52,7 +53,12 @@ def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: flo
     drafts kept at each step, the minimum over the batch's rows; the last step's may run past
     `max_new_tokens`), "acceptance_rate" (kept drafts / (steps * num_draft)) and "num_draft".
     A prompt shorter than `num_draft` - 1 tokens is first extended to that length by plain decoding (the
-    deepest drafting depth starts at token `num_draft` - 1); those tokens are not in the stats."""
+    deepest drafting depth starts at token `num_draft` - 1); those tokens are not in the stats.
+
+    `kv_cache_dtype`: how the attention layers cache K and V: None (the model's dtype), "float32" /
+    "bfloat16" / "float16", "fp8" (E4M3 codes with the model's calibrated per-layer scales, see
+    `nemojax.quant.kv_cache`) or "fp8_uncalibrated" (E4M3 with scales of 1). Attention reads the cache
+    back in the compute dtype, so prompt and generated tokens alike see K and V as stored."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, length>0]; got shape {tokens.shape}")
@@ -68,9 +74,10 @@ def generate(model: HybridLM, tokens, max_new_tokens: int = 32, temperature: flo
         raise ValueError("draft='mtp' needs MTP layers, but this model has config.mtp_depth == 0")
     if num_draft is not None and not (isinstance(num_draft, int) and num_draft >= 1):
         raise ValueError(f"num_draft must be an int >= 1; got {num_draft!r}")
+    check_kv_cache_dtype(model, kv_cache_dtype)
     graphdef, state = nnx.split(inference_copy(model))
     key = jax.random.key(0) if key is None else key
-    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, kv_cache_dtype=kv_cache_dtype)
     if draft is None:
         return _generate(graphdef, state, tokens, key, max_new_tokens=max_new_tokens, **sampling)
     num_draft = model.cfg.mtp_depth if num_draft is None else num_draft

@@ -66,12 +66,15 @@ def _accept(logits, drafts, q, key, temperature, top_k, top_p):
     return accepted, jnp.where(jnp.pad(accepted, ((0, 0), (0, 1))), jnp.pad(drafts, ((0, 0), (0, 1))), resampled)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_draft", "temperature", "top_k", "top_p"))
-def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_draft, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_draft", "temperature", "top_k", "top_p",
+                                   "kv_cache_dtype"))
+def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_draft, temperature, top_k, top_p,
+                         kv_cache_dtype=None):
     """tokens [B, L] with L >= num_draft - 1 -> (tokens [B, L + max_new_tokens + num_draft + 1] of which
     the first cache["pos"] + 1 are committed (at least L + max_new_tokens; the last step may commit more),
     accepted drafts per step [max_new_tokens] (entries past `steps` are 0), steps, the main model's cache
-    and the MTP depths' caches)."""
+    and the MTP depths' caches). `kv_cache_dtype`: the main model's (`HybridLM.init_cache`); the MTP
+    depths cache in the model's dtype."""
     sampling = (temperature, top_k, top_p)
     model = nnx.merge(graphdef, state)
     k = num_draft
@@ -112,7 +115,7 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
         return tuple(new_caches), tuple(new_carries)
 
     k_first, key = jax.random.split(key)
-    cache = model.init_cache(b, max_len)
+    cache = model.init_cache(b, max_len, kv_cache_dtype=kv_cache_dtype)
     h, cache = model.hidden_states(tokens, cache)
     first = sample_logits(model.logits(model.norm_f(h[:, -1])), k_first, *sampling)
     seq = jnp.concatenate([tokens, first[:, None]], axis=1)

@@ -9,6 +9,7 @@ stays near one copy of the weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import warnings
@@ -26,6 +27,7 @@ from nemojax.io.hf_config import hf_incompatibility, read_hf_config
 from nemojax.io.tensors import Entry
 from nemojax.nn.model import HybridLM
 from nemojax.nn.registry import block_entries
+from nemojax.quant.kv_cache import SCALE_SUFFIXES, checkpoint_scales, scales_from_checkpoint, set_kv_scales
 
 CONFIG_NAME = "config.json"  # HF NemotronH's, written when the model fits it
 NATIVE_CONFIG_NAME = "nemojax_config.json"  # lossless, written for every model
@@ -105,7 +107,8 @@ def _read_tensor(f, raw: str, shard: Path):
 def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, progress: bool = True) -> HybridLM:
     """Load a checkpoint directory (see `load_config`; safetensors, single or sharded) as a HybridLM.
 
-    Parameters are cast to `dtype`, except the router correction bias, which stays fp32.
+    Parameters are cast to `dtype`, except the router correction bias, which stays fp32. FP8 KV-cache
+    scales (`<attention>.k_scale` / `.v_scale`, see `nemojax.quant.kv_cache`) are attached when present.
     Raises ValueError naming the tensor when one is missing, unexpected, wrongly shaped or not
     floating point, and the file when one cannot be read; warns naming tensors that hold inf or nan.
     """
@@ -116,6 +119,7 @@ def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, 
     entries = {e.name: e for e in checkpoint_entries(cfg)}
     loaded: dict[tuple, jax.Array] = {}
     pending_experts: dict[str, dict[int, jax.Array]] = {}  # per-expert tensors waiting to be stacked
+    kv_scales: dict[str, jax.Array] = {}
 
     def place(entry: Entry, tensor, source_name: str):
         target = flat_abstract[entry.path]
@@ -145,6 +149,8 @@ def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, 
                         continue
                 if name in entries:
                     place(entries[name], _read_tensor(f, raw, shard), raw)
+                elif name.endswith(SCALE_SUFFIXES):
+                    kv_scales[name] = _read_tensor(f, raw, shard)
                 elif name.startswith("mtp.") and cfg.mtp_depth == 0:
                     warnings.warn(f"ignoring {raw!r}: the config has num_nextn_predict_layers=0", stacklevel=2)
                 else:
@@ -164,13 +170,16 @@ def load_pretrained(path, dtype=jnp.float32, config: ModelConfig | None = None, 
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
     state = nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in flat_abstract.items()])
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    set_kv_scales(model, scales_from_checkpoint(model, entries.values(), kv_scales))
+    return model
 
 
 def save_pretrained(model: HybridLM, path, max_shard_bytes: int = 4 << 30) -> None:
     """Write `model` as a checkpoint directory: safetensors in NemotronH's tensor names, the native
     config (`nemojax_config.json`) and, when the model fits NemotronH's config, HF's `config.json`,
-    so that transformers loads it unchanged."""
+    so that transformers loads it unchanged; calibrated FP8 KV-cache scales as `<attention>.k_scale` /
+    `.v_scale` fp32 scalars."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -191,11 +200,13 @@ def save_pretrained(model: HybridLM, path, max_shard_bytes: int = 4 << 30) -> No
             shard_files.append(name)
             shard, shard_bytes = {}, 0
 
-    for entry in checkpoint_entries(cfg):
-        tensor = jnp.asarray(entry.to_hf(flat[entry.path].get_value()))
+    entries = checkpoint_entries(cfg)
+    weights = ((e.name, e.to_hf(flat[e.path].get_value())) for e in entries)  # one at a time, as they are written
+    for name, tensor in itertools.chain(weights, checkpoint_scales(model, entries).items()):
+        tensor = jnp.asarray(tensor)
         if shard_bytes and shard_bytes + tensor.nbytes > max_shard_bytes:
             flush()
-        shard[entry.name] = tensor
+        shard[name] = tensor
         shard_bytes += tensor.nbytes
     flush()
     if len(shard_files) == 1:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nemojax.config import LayerSpec, ModelConfig
-from nemojax.nn.attention import Attention
+from nemojax.nn.attention import Attention, recast_kv_cache
 from nemojax.nn.ffn import MLP, MoE
 from nemojax.nn.layers import KEEP, Linear, RMSNorm, dense
 from nemojax.nn.mamba import Mamba2Mixer
@@ -166,12 +166,13 @@ class HybridLM(nnx.Module):
         h, cache = self.hidden_states(tokens, cache)
         return self.logits(self.norm_f(h)), cache
 
-    def init_cache(self, batch: int, max_len: int):
+    def init_cache(self, batch: int, max_len: int, *, kv_cache_dtype: str | None = None):
+        """kv_cache_dtype: how attention layers store K and V (`nemojax.nn.attention.KV_CACHE_DTYPES`):
+        None (the model's dtype), a float dtype name, "fp8" (E4M3 with the calibrated per-layer scales) or
+        "fp8_uncalibrated" (E4M3, scales of 1)."""
         ssm_dtype = jnp.dtype(self.cfg.ssm_cache_dtype)
-        return {
-            "pos": jnp.zeros((), jnp.int32),
-            "layers": tuple(b.init_cache(batch, max_len, dtype=self.dtype, ssm_dtype=ssm_dtype) for b in self.layers),
-        }
+        layers = tuple(b.init_cache(batch, max_len, dtype=self.dtype, ssm_dtype=ssm_dtype) for b in self.layers)
+        return {"pos": jnp.zeros((), jnp.int32), "layers": recast_kv_cache(self, layers, kv_cache_dtype)}
 
     def mtp_logits(self, tokens, h=None):
         """Logits of every MTP depth: depth k (1-based) at position t predicts token t + k + 1.
