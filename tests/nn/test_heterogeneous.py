@@ -38,9 +38,8 @@ LAYERS = (
     MoESpec(num_experts=4, top_k=1, intermediate_size=8, latent_size=16, routed_scaling_factor=2.0),
     MLPSpec(intermediate_size=12),
     LinearSpec(),
-    # full-block parallel: windowed attention, Mamba and a segment-routed MoE read one input
-    ParallelSpec((AttentionSpec(num_heads=2, num_kv_heads=2, head_dim=8, sliding_window=3),
-                  MambaSpec(num_heads=2, head_dim=8, n_groups=2, state_size=4, chunk_size=4),
+    # full-block parallel: windowed attention, a linear map and a segment-routed MoE read one input
+    ParallelSpec((AttentionSpec(num_heads=2, num_kv_heads=2, head_dim=8, sliding_window=3), LinearSpec(),
                   MoESpec(num_experts=6, top_k=3, intermediate_size=8, shared_intermediate_size=8,
                           segments=((4, 2), (2, 1))))),
 )
@@ -210,7 +209,7 @@ def test_replace_layers_keeps_config_and_layers_in_agreement(model):
     with pytest.raises(ValueError, match="does not have the parameters"):
         model.replace_layers({1: (MLPSpec(48, bias=True), narrower.mixer)})
     with pytest.raises(ValueError, match="out of range"):
-        model.replace_layers({11: (NoOpSpec(), None)})
+        model.replace_layers({len(LAYERS): (NoOpSpec(), None)})
     with pytest.raises(AttributeError):
         model.cfg = CFG  # the config only changes through replace_layers
 
