@@ -10,7 +10,7 @@ from flax import nnx
 import nemojax as nj
 from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, from_pattern
 from nemojax.speculative import speculative_generate
-from testutils import rel_err
+from testutils import chi_square_pvalue, rel_err
 
 
 def config(mtp_pattern="*-", mtp_depth=2, vocab_size=32):
@@ -174,17 +174,6 @@ def exact_joint(model, prompt, temperature, top_k, k):
     # token L + 1 is depth 1's prediction at position L - 1; token L + 2 is depth 2's at L - 1 too
     draft = p[rows, l - 1, y1] * q[0][rows, l - 1, y2] * q[1][rows, l - 1, y3]
     return target.reshape(v, v, v), draft.reshape(v, v, v)
-
-
-def chi_square_pvalue(counts, probs, min_expected=5.0):
-    from scipy.stats import chi2
-
-    expected = probs * counts.sum()
-    small = expected < min_expected
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    return float(chi2.sf(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep]), keep.sum() - 1))
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -89,3 +89,15 @@ def interrupt_at(step: int, sig=signal.SIGINT):
         yield
     finally:
         loop.make_dataset = make
+
+
+def chi_square_pvalue(counts, probs, min_expected=5.0):
+    """Pearson's goodness of fit, the bins expected to hold fewer than `min_expected` draws pooled."""
+    from scipy.stats import chi2
+
+    expected = probs * counts.sum()
+    small = expected < min_expected
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    return float(chi2.sf(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep]), keep.sum() - 1))

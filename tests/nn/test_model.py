@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import nemojax as nj
-from testutils import rel_err
+from testutils import chi_square_pvalue, rel_err
 
 TINY = ["tiny-hybrid", "tiny-moe", "tiny-latent-mtp"]
 
@@ -108,18 +108,6 @@ def test_greedy_generate_equals_argmax_of_full_forward():
     # oracle: one full causal forward, no cache; position t's argmax is what greedy decoding picks after t
     full = nnx.jit(lambda m, t: m(t))(model, out[:, :-1])
     np.testing.assert_array_equal(out[:, 11:], jnp.argmax(full[:, 10:], -1))
-
-
-def chi_square_pvalue(counts, probs, min_expected=5.0):
-    """Pearson's goodness of fit, the bins expected to hold fewer than `min_expected` draws pooled."""
-    from scipy.stats import chi2
-
-    expected = probs * counts.sum()
-    small = expected < min_expected
-    obs = np.append(counts[~small], counts[small].sum())
-    exp = np.append(expected[~small], expected[small].sum())
-    keep = exp > 0
-    return float(chi2.sf(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep]), keep.sum() - 1))
 
 
 def test_sampling_draws_from_the_truncated_softmax():
