@@ -28,7 +28,7 @@ import nemojax as nj
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "experiments/ntk/README.md", "experiments/benchmarks/RESULTS.md",
-             "experiments/puzzle/README.md", "experiments/fusion/README.md")
+             "experiments/puzzle/README.md", "experiments/fusion/README.md", "experiments/precision/README.md")
 MARKER = re.compile(r"<!--\s*source:\s*(\S+)\s*-->")
 
 # Sections whose tables still wait for their source marker and renderer: (document, heading prefix).
@@ -843,6 +843,107 @@ def fusion_study_prose(d):
             f"spreads of {span(spreads, lambda x: f'{x:.1f}')}x over rounds",
             f"the fused children decode at {span(decode(n for n in c if n.startswith('fuse')))}x the base's "
             f"latency and the pruned ones at {span(decode(n for n in c if n.startswith('remove')))}x"]
+
+
+# ------------------------------------------------------------------------ experiments/precision/README.md
+PRECISION = "experiments/precision/README.md"
+KV_CACHE = "experiments/precision/results/kv_cache.json"
+KV_CACHE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "fp8": "FP8 E4M3, calibrated",
+                  "fp8_uncalibrated": "FP8 E4M3, scale 1"}
+
+
+def mib(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB"
+
+
+def diverged(d, kv) -> int:
+    """Greedy continuations that differ somewhere from the reference cache's."""
+    m = d["meta"]
+    return m["prompts"] - round(d["greedy"][kv]["vs_" + m["reference"]]["identical_prompts"] * m["prompts"])
+
+
+@table(KV_CACHE)
+def kv_cache_table(d):
+    m = d["meta"]
+    rows = [["cache", "K/V bytes per token", f"K/V cache, {m['prompts']} x {m['prompt_len'] + m['new_tokens']} tokens",
+             "whole cache", "held-out loss", "KL to float32", "greedy tokens as float32", "continuations that differ",
+             "tokens before the first difference"]]
+    for kv in m["caches"]:
+        mem, loss, g = d["memory"][kv], d["loss"][kv], d["greedy"][kv]["vs_" + m["reference"]]
+        rows.append([KV_CACHE_NAMES[kv], str(mem["per_token"]), mib(mem["generation"]["attention_kv"]),
+                     mib(mem["generation"]["total"]), f"{loss['loss']:.5f}", f"{loss['kl_to_reference']:.1e}",
+                     f"{100 * g['token_agreement']:.1f}%", f"{diverged(d, kv)} of {m['prompts']}",
+                     f"{g['mean_tokens_before_first_difference']:.1f}"])
+    return rows
+
+
+@table(KV_CACHE + "#layers")
+def kv_cache_layers_table(d):
+    rows = [["layer", "", "scale", "amax: calibration / held-out", "relative RMS error", "below 2^-6",
+             "above 448"]]
+    for name, q in d["quantisation"].items():
+        for t in ("k", "v"):
+            x = q[t]
+            cal, one = x["fp8"], x["fp8_uncalibrated"]
+            rows.append([name, t.upper(), f"{x['scale']:.2e}", f"{x['calibration_amax']:.2f} / {x['heldout_amax']:.2f}",
+                         f"{100 * cal['rel_rms_error']:.2f}% / {100 * one['rel_rms_error']:.2f}%",
+                         f"{100 * cal['below_min_normal']:.3f}% / {100 * one['below_min_normal']:.3f}%",
+                         f"{cal['clipped']:.1e} / {one['clipped']:.1e}"])
+    return rows
+
+
+@table(KV_CACHE + "#range")
+def kv_cache_range_table(d):
+    rows = [["K and V x", "held-out amax", "KL, float32 cache", "KL, FP8 calibrated", "KL, FP8 scale 1",
+             "loss, FP8 calibrated", "loss, FP8 scale 1"]]
+    for r in d["range"]:
+        amax = [a for pair in r["kv_amax"].values() for a in pair]
+        rows.append([f"2^{r['exponent']}", span(amax, lambda x: f"{x:.3g}" if x < 100 else f"{x:.0f}"),
+                     f"{r['float32']['kl_to_reference']:.1e}",
+                     f"{r['fp8']['kl_to_reference']:.1e}", f"{r['fp8_uncalibrated']['kl_to_reference']:.1e}",
+                     f"{r['fp8']['loss']:.4f}", f"{r['fp8_uncalibrated']['loss']:.4f}"])
+    return rows
+
+
+@prose(PRECISION, KV_CACHE)
+def kv_cache_prose(d):
+    m, loss, mem, rng = d["meta"], d["loss"], d["memory"], d["range"]
+    base = next(r for r in rng if r["exponent"] == 0)
+    # the qualitative claims the text makes
+    assert all(r["float32"]["kl_to_reference"] == 0 for r in rng)  # the rescaled models are the same function
+    assert len({(r["fp8"]["loss"], r["fp8"]["kl_to_reference"]) for r in rng}) == 1  # calibration follows the range
+    assert all(r["fp8_uncalibrated"]["kl_to_reference"] > 5 * base["fp8_uncalibrated"]["kl_to_reference"]
+               for r in rng if r["exponent"] != 0)
+    assert max(abs(loss[kv]["loss"] - loss["float32"]["loss"]) for kv in m["caches"]) < 1e-4
+    assert mem["fp8"]["per_token"] * 4 == mem["float32"]["per_token"] == mem["bfloat16"]["per_token"] * 2
+    assert diverged(d, "bfloat16") < diverged(d, "fp8") < diverged(d, "fp8_uncalibrated")
+    assert all(x["heldout_amax"] > x["calibration_amax"] for layer in d["quantisation"].values()
+               for x in layer.values())  # so the calibrated cache clips a few held-out entries
+    worst = max(rng, key=lambda r: r["fp8_uncalibrated"]["kl_to_reference"])
+    shift = {r["exponent"]: r["fp8_uncalibrated"]["kl_to_reference"] / base["fp8_uncalibrated"]["kl_to_reference"]
+             for r in rng}
+    kv_bytes = {kv: mem[kv]["generation"]["attention_kv"] for kv in m["caches"]}
+    q = [x for layer in d["quantisation"].values() for x in layer.values()]
+
+    def pct(values):
+        return span([100 * v for v in values], lambda x: f"{x:.1f}")
+    return [m["command"], f"{m['calibration_tokens']} tokens of the training split",
+            f"{m['heldout_tokens']} held-out tokens, windows of {m['window']} whose first {m['prefill']} tokens",
+            f"(plus {kv_bytes['fp8'] - kv_bytes['float32'] // 4} bytes of scales)",
+            f"about {loss['fp8']['kl_to_reference'] / loss['bfloat16']['kl_to_reference']:.0f} times bfloat16's",
+            f"the KL grows {shift[-8]:.0f}-fold", f"it grows {shift[8]:.0f}-fold",
+            f"{m['prompts']} held-out prompts of {m['prompt_len']} tokens", f"{m['new_tokens']} tokens each",
+            f"{m['range_batches'] * m['heldout_tokens'] // m['heldout_batches']} held-out tokens",
+            f"about {m['seconds'] / 60:.0f} minutes",
+            f"differ in {diverged(d, 'fp8')} of {m['prompts']} continuations with the calibrated scales and in "
+            f"{diverged(d, 'fp8_uncalibrated')} with scale 1 ({diverged(d, 'bfloat16')} with bfloat16)",
+            f"(KL {loss['fp8']['kl_to_reference']:.1e} and {loss['fp8_uncalibrated']['kl_to_reference']:.1e} "
+            f"nats per token)",
+            f"a KL of {worst['fp8_uncalibrated']['kl_to_reference']:.2f} nats and a held-out loss of "
+            f"{worst['fp8_uncalibrated']['loss']:.3f} instead of {worst['fp8']['loss']:.3f}",
+            f"{pct(x[c]['rel_rms_error'] for x in q for c in ('fp8', 'fp8_uncalibrated'))}% relative RMS error",
+            f"{pct(x['fp8_uncalibrated']['below_min_normal'] for x in q)}% of the entries",
+            f"under {max(100 * x['fp8']['below_min_normal'] for x in q):.2f}% with the calibrated scales"]
 
 
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
