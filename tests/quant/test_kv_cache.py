@@ -12,9 +12,10 @@ from quant_reference import E4M3, round_nearest_even
 from safetensors import safe_open
 
 import nemojax as nj
-from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig, ParallelSpec
+from nemojax.config import AttentionSpec, MambaSpec, MLPSpec, ModelConfig, ParallelSpec, from_pattern
 from nemojax.nn.attention import kv_cache_layers, layer_cache
 from nemojax.quant.kv_cache import calibrate_kv_scales, kv_scales, set_kv_scales
+from nemojax.speculative import speculative_generate
 
 D, VOCAB = 32, 64
 # the second attention layer is a branch of a parallel layer (its cache nests one level deeper) with a window
@@ -172,6 +173,21 @@ def test_greedy_generation_with_the_fp8_cache_equals_the_explicitly_quantised_mo
     np.testing.assert_array_equal(nj.generate(model, prompt, 12, kv_cache_dtype="fp8_uncalibrated"),
                                   nj.generate(explicitly_quantised(model, {n: (1.0, 1.0) for n in ATTENTION}),
                                               prompt, 12))
+
+
+def test_speculative_decoding_caches_the_main_model_in_fp8_and_keeps_its_greedy_output():
+    cfg = from_pattern("M*-", vocab_size=VOCAB, hidden_size=D, mamba=CFG.layers[0], attention=CFG.layers[1],
+                       mlp=CFG.layers[2], mtp_pattern="*-", mtp_depth=1)
+    model, prompt = nj.HybridLM(cfg, rngs=nnx.Rngs(0)), tokens(length=6)
+    plain = nj.generate(model, prompt, 10, kv_cache_dtype="fp8_uncalibrated")
+    np.testing.assert_array_equal(nj.generate(model, prompt, 10, draft="mtp", num_draft=2,
+                                              kv_cache_dtype="fp8_uncalibrated"), plain)
+    graphdef, state = nnx.split(model)  # the call generate made: its compiled loop is reused
+    *_, cache, mtp_caches = speculative_generate(graphdef, state, prompt, jax.random.key(0), max_new_tokens=10,
+                                                 num_draft=2, temperature=0.0, top_k=None, top_p=None,
+                                                 kv_cache_dtype="fp8_uncalibrated")
+    assert cache["layers"][1]["k"].dtype == jnp.float8_e4m3fn and float(cache["layers"][1]["k_scale"]) == 1.0
+    assert mtp_caches[0][0]["k"].dtype == jnp.float32  # the drafter's own cache stays in the model's dtype
 
 
 def test_save_load_round_trips_the_scales_under_hf_names(tmp_path):
