@@ -127,17 +127,30 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     from nemojax.train.loop import load_run, make_dataset
-    from nemojax.train.sample import sample_text
+    from nemojax.train.sample import continue_text
 
     tc, model, _ = load_run(args.checkpoint)
     ds = make_dataset(tc)
     if ds.tokenizer is None:
         raise SystemExit(f"--checkpoint {args.checkpoint} was trained on the synthetic task {tc.data!r}, which has "
                          "no text tokenizer; use `nemojax eval` for it")
+    if args.num_draft is not None and args.draft is None:
+        raise ValueError("--num-draft: drafts only with --draft mtp")
     sampling = args.temperature > 0
     top_k = args.top_k if args.top_k is not None or not sampling else DEFAULT_TOP_K
-    print(args.prompt + sample_text(model, ds, args.prompt, args.max_new_tokens, args.seed,
-                                    temperature=args.temperature, top_k=top_k, top_p=args.top_p))
+    if args.kv_cache_dtype == "fp8":  # scales calibrated on the run's own training text
+        from nemojax.quant.kv_cache import calibrate_kv_scales, set_kv_scales
+
+        set_kv_scales(model, calibrate_kv_scales(model, [ds.batch(i)["inputs"] for i in range(args.calibration_batches)]))
+    options = {"kv_cache_dtype": args.kv_cache_dtype}
+    if args.draft is not None:
+        options |= {"draft": args.draft, "num_draft": args.num_draft}
+    text, stats = continue_text(model, ds, args.prompt, args.max_new_tokens, args.seed, temperature=args.temperature,
+                                top_k=top_k, top_p=args.top_p, **options)
+    print(args.prompt + text)
+    if stats is not None:
+        print(f"speculative decoding: {stats['steps']} verification steps, {stats['acceptance_rate']:.0%} of "
+              f"{stats['num_draft']} drafts accepted", file=sys.stderr)
     return 0
 
 
@@ -370,6 +383,15 @@ def main(argv=None) -> int:
                    help="sample from the smallest set of tokens whose probability reaches p (default: off; "
                         "not allowed at --temperature 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--draft", choices=("mtp",), default=None,
+                   help="speculative decoding with the model's MTP layers as the drafter (default: off)")
+    p.add_argument("--num-draft", type=_positive_int, default=None,
+                   help="tokens drafted per step with --draft (default: the model's MTP depth)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("fp8", "fp8_uncalibrated", "bfloat16", "float32"),
+                   help="attention K/V cache storage: fp8 (E4M3, per-layer scales calibrated on the run's training "
+                        "text), fp8_uncalibrated (scales of 1) or a float dtype (default: the model's dtype)")
+    p.add_argument("--calibration-batches", type=_positive_int, default=4,
+                   help="training batches the fp8 K/V scales are calibrated on (default: 4)")
     p.set_defaults(func=cmd_generate)
 
     _add_puzzle(sub)

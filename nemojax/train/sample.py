@@ -12,16 +12,26 @@ from nemojax.train import losses
 
 
 def sample_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, temperature: float = 0.8,
-                top_k: int | None = 40, top_p: float | None = None) -> str:
-    """A sampled continuation of `prompt` (text datasets)."""
+                top_k: int | None = 40, top_p: float | None = None, **options) -> str:
+    """A sampled continuation of `prompt` (text datasets). `options`: `generate`'s draft, num_draft and
+    kv_cache_dtype."""
+    return continue_text(model, ds, prompt, n_tokens, seed, temperature, top_k, top_p, **options)[0]
+
+
+def continue_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0, temperature: float = 0.8,
+                  top_k: int | None = 40, top_p: float | None = None, **options) -> tuple[str, dict | None]:
+    """(continuation, speculative decoding's stats or None without a draft): `sample_text` for callers
+    that report the acceptance rate."""
     from nemojax.generate import generate
 
     if not prompt:
         raise ValueError("prompt must be non-empty")
     ids = ds.tokenizer.encode(prompt)[None].astype(np.int32)
+    drafted = options.get("draft") is not None
     out = generate(model, ids, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, key=jax.random.key(seed))
-    return ds.tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
+                   top_p=top_p, key=jax.random.key(seed), **options, **({"return_stats": True} if drafted else {}))
+    out, stats = out if drafted else (out, None)
+    return ds.tokenizer.decode(np.asarray(out[0, ids.shape[1]:])), stats
 
 
 def sample_task(model: HybridLM, ds) -> str:

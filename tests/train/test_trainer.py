@@ -117,6 +117,16 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     # same prompt length and settings as the run's own sample, so the compiled decode loop is reused
     assert main(["generate", "--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The ")
+    # greedy through an FP8 K/V cache calibrated on the run's text, against the model's own cache
+    greedy = ["generate", "--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main(greedy + ["--kv-cache-dtype", "fp8", "--calibration-batches", "1"]) == 0
+    assert capsys.readouterr().out == plain  # 5 greedy tokens of a barely trained model: E4M3 K/V agree
+    for flags, needle in ((["--draft", "mtp"], "mtp_depth"), (["--num-draft", "2"], "--num-draft")):
+        with pytest.raises(SystemExit):
+            main(greedy + flags)
+        assert needle in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--compute-dtype", "float16", "--out-dir", str(tmp_path / "bad")])
     assert "compute_dtype" in capsys.readouterr().err
