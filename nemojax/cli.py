@@ -136,12 +136,15 @@ def cmd_generate(args) -> int:
                          "no text tokenizer; use `nemojax eval` for it")
     if args.num_draft is not None and args.draft is None:
         raise ValueError("--num-draft: drafts only with --draft mtp")
+    if args.calibration_batches is not None and args.kv_cache_dtype != "fp8":
+        raise ValueError("--calibration-batches: calibrates the scales of --kv-cache-dtype fp8 only")
     sampling = args.temperature > 0
     top_k = args.top_k if args.top_k is not None or not sampling else DEFAULT_TOP_K
     if args.kv_cache_dtype == "fp8":  # scales calibrated on the run's own training text
         from nemojax.quant.kv_cache import calibrate_kv_scales, set_kv_scales
 
-        set_kv_scales(model, calibrate_kv_scales(model, [ds.batch(i)["inputs"] for i in range(args.calibration_batches)]))
+        batches = range(args.calibration_batches or 4)
+        set_kv_scales(model, calibrate_kv_scales(model, [ds.batch(i)["inputs"] for i in batches]))
     options = {"kv_cache_dtype": args.kv_cache_dtype}
     if args.draft is not None:
         options |= {"draft": args.draft, "num_draft": args.num_draft}
@@ -390,8 +393,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-dtype", default=None, choices=("fp8", "fp8_uncalibrated", "bfloat16", "float32"),
                    help="attention K/V cache storage: fp8 (E4M3, per-layer scales calibrated on the run's training "
                         "text), fp8_uncalibrated (scales of 1) or a float dtype (default: the model's dtype)")
-    p.add_argument("--calibration-batches", type=_positive_int, default=4,
-                   help="training batches the fp8 K/V scales are calibrated on (default: 4)")
+    p.add_argument("--calibration-batches", type=_positive_int, default=None,
+                   help="training batches the fp8 K/V scales are calibrated on (default: 4; only with "
+                        "--kv-cache-dtype fp8)")
     p.set_defaults(func=cmd_generate)
 
     _add_puzzle(sub)

@@ -123,7 +123,8 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert main(greedy + ["--kv-cache-dtype", "fp8", "--calibration-batches", "1"]) == 0
     assert capsys.readouterr().out == plain  # 5 greedy tokens of a barely trained model: E4M3 K/V agree
-    for flags, needle in ((["--draft", "mtp"], "mtp_depth"), (["--num-draft", "2"], "--num-draft")):
+    for flags, needle in ((["--draft", "mtp"], "mtp_depth"), (["--num-draft", "2"], "--num-draft"),
+                          (["--calibration-batches", "2"], "--calibration-batches")):
         with pytest.raises(SystemExit):
             main(greedy + flags)
         assert needle in capsys.readouterr().err

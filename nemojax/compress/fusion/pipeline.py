@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nemojax.compress.fusion.dependency import dependency_matrix, plot_dependency, residual_stats
-from nemojax.compress.fusion.fuse import FFN_KINDS, fuse, parallelize
+from nemojax.compress.fusion.fuse import FFN_KINDS, NORMS, fuse, parallelize
 from nemojax.compress.fusion.plan import block_windows, ffn_runs
 from nemojax.compress.puzzle.distill import distill
 from nemojax.compress.puzzle.pipeline import heldout_batches
@@ -39,7 +39,6 @@ STAGES = ("deps", "plan", "apply", "distill")
 STATE = "fusion.json"
 DIRECTORY = StageDirectory(STATE, "nemojax fuse", "an FFN Fusion directory", "deps")
 SURGERY = "surgery.json"
-NORMS = ("last", "fold")
 
 
 # ------------------------------------------------------------------------------------------ the directory
