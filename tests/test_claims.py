@@ -826,8 +826,12 @@ def fusion_study_prose(d):
 
     def decode(names):
         return [latency_ratio(d, n, "decode") for n in names]
-    return [f"{m['base_steps']} steps of {m['distill_batch']} sequences",
-            f"{m['distill_steps']} steps",
+    sb, eb, lat = m["score_batches"], m["eval_batches"], d["latency_setting"]
+    return [f"{m['base_steps']} steps of {m['distill_batch']} sequences of {m['seq_len']} bytes",
+            f"held-out batches {sb}-{sb + eb - 1} (held-out batches 0-{sb - 1}",
+            f"distilled from that model for {m['distill_steps']} steps",
+            f"prefill of {lat['batch']} x {lat['prompt']} bytes and one decode step at batch {lat['batch']}",
+            f"After {m['distill_steps']} steps of distillation",
             f"keeps {100 * d['base']['vs_parent']['accuracy'] / d['parent']['eval']['accuracy']:.1f}% of the parent's",
             f"KL {kl('fuse 1-3')}, {kl('fuse 1-5')} and {kl('fuse 1-7')}",
             f"{acc('fuse 1-3', 'after')}, {acc('fuse 1-5', 'after')} and {acc('fuse 1-7', 'after')}",

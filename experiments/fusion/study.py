@@ -98,10 +98,10 @@ def latency(result: dict, models: dict, prompt: int) -> None:
     result["latency_setting"] = {**LATENCY, "prompt": prompt, "date": datetime.date.today().isoformat()}
 
 
-def window_children(parent, M, eval_b, parent_acc):
-    """Per window size: the greedy windows and, for 1, 2, ... of them, the parallelised parent and its
+def window_rows(parent, M, eval_b, parent_acc) -> dict:
+    """Per window size: for 1, 2, ... of its greedy windows, the parallelised parent's windows, layers and
     quality; stops after the first child below COLLAPSE of the parent's accuracy."""
-    out, models = {}, {}
+    out = {}
     for size in (2, 3, 4):
         windows = fusion.block_windows(parent.cfg, M, size=size)
         rows, child = [], parent
@@ -109,13 +109,12 @@ def window_children(parent, M, eval_b, parent_acc):
             child = fusion.parallelize(child, *w)
             rows.append({"windows": [list(x) for x in windows[:len(rows) + 1]], "pattern": child.cfg.pattern,
                          "before": score.compare(parent, child, eval_b)})
-            models[f"blocks{size} x{len(rows)}"] = child
             print(f"  blocks of {size}: +{w} {child.cfg.pattern} acc {rows[-1]['before']['accuracy']:.4f}")
             if rows[-1]["before"]["accuracy"] < COLLAPSE * parent_acc:
                 break
         out[str(size)] = rows
         jax.clear_caches()
-    return out, models
+    return out
 
 
 def run(parent_run: Path, runs: Path, results: Path, *, base_steps: int, distill_steps: int, lr: float,
@@ -166,10 +165,10 @@ def run(parent_run: Path, runs: Path, results: Path, *, base_steps: int, distill
     jax.clear_caches()
 
     print("full-block parallelisation of the parent")
-    out["blocks"], block_models = window_children(parent, M_parent, eval_b, out["parent"]["eval"]["accuracy"])
+    out["blocks"] = window_rows(parent, M_parent, eval_b, out["parent"]["eval"]["accuracy"])
 
     print("latency")
-    latency(out, {"parent": parent, "base": base, **children, **block_models}, tc.seq_len)
+    latency(out, {"parent": parent, "base": base, **children, **block_children(parent, out["blocks"])}, tc.seq_len)
     out["meta"] = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "machine": platform.machine(),
                    "device": jax.devices()[0].device_kind, "base_steps": base_steps, "distill_steps": distill_steps,
                    "distill_lr": lr, "distill_batch": batch, "seq_len": tc.seq_len,
