@@ -17,8 +17,6 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # several test workers and the benchmark share one GPU: none may take most of its memory up front
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-# the tests hold XLA's fp32 matmuls to fp32 tolerances: no TF32 on the XLA side
-export JAX_DEFAULT_MATMUL_PRECISION=highest
 
 {
   date -u +%FT%TZ
@@ -28,7 +26,8 @@ export JAX_DEFAULT_MATMUL_PRECISION=highest
 cat "$OUT/env.txt"
 
 if [ "$TEST_SECONDS" -gt 0 ]; then
-  timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 --dist loadfile \
+  # the tests hold XLA's fp32 matmuls to fp32 tolerances: no TF32 there (the benchmarks keep the default)
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 --dist loadfile \
     tests/ops/test_ssd_pallas.py tests/ops/test_moe_gmm_pallas.py tests/ops/test_ffn_pallas.py \
     "tests/nn/test_model.py::test_kernels_switched_on_everywhere_match_the_xla_model" >"$OUT/tests.log" 2>&1
   echo "kernel tests: exit $?"
