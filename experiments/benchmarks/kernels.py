@@ -1,6 +1,6 @@
 """Pallas kernels vs their XLA baselines, one process: SSD, grouped matmul (MoE), fused relu^2 FFN.
 
-    python experiments/benchmarks/kernels.py [--only ssd,gmm,ffn,e2e] [--quick] [--repeats 20]
+    python experiments/benchmarks/kernels.py [--only ssd,gmm,ffn,ffn_narrow,e2e] [--quick] [--repeats 20]
         [--mamba-ssm PATH] [--out PATH]
 
 Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
@@ -15,6 +15,7 @@ Cases (default: the issue's Nemotron shapes, bf16; they need a GPU):
         same FLOPs ([M, K] x [K, N]) whose time gives the "fraction of dense throughput".
 - ffn:  fused relu^2 FFN at Nemotron-H-8B width (4096 -> 21504 -> 4096, 8192 tokens): the XLA MLP
         (`reference.relu2_ffn`) vs Pallas `fused_relu2_ffn`, fwd and fwd+bwd.
+- ffn_narrow: the same at D = 128 (one output tile), 64K tokens, F = 512: the regime the fusion is for.
 - e2e:  whole models of Nemotron-shaped layers in bf16 (the first 8 layers "M-M-M-M*" of
         nemotron-h-8b and the first 6 "MEMEM*" of nemotron-3-nano, vocabulary cut to 32K; --quick:
         tiny-hybrid and tiny-moe in fp32): a training step (value_and_grad of the LM loss, b=2, L=4096)
@@ -77,6 +78,9 @@ SHAPES = {
     "ssd": dict(b=4, l=4096, h=128, p=64, g=8, n=128, chunk=128),
     "gmm": dict(tokens=16384, experts=128, top_k=6, d=2688, f=1856),
     "ffn": dict(t=8192, d=4096, f=21504),
+    # the regime the fused kernel is built for: D within one output tile (block_d = 128), so the up
+    # projection is computed once and the [T, F] activation never leaves the chip
+    "ffn_narrow": dict(t=65536, d=128, f=512),
     "e2e": dict(models={"nemotron-h-8b": 8, "nemotron-3-nano-30b-a3b": 6}, vocab=32768, train_b=2, train_l=4096,
                 decode_b=8, prompt=64, new_tokens=64, dtype="bfloat16"),
 }
@@ -84,6 +88,7 @@ QUICK_SHAPES = {
     "ssd": dict(b=1, l=256, h=4, p=16, g=2, n=16, chunk=64),
     "gmm": dict(tokens=64, experts=8, top_k=2, d=64, f=48),
     "ffn": dict(t=64, d=64, f=128),
+    "ffn_narrow": dict(t=64, d=32, f=64),
     "e2e": dict(models={"tiny-hybrid": None, "tiny-moe": None}, vocab=None, train_b=2, train_l=64, decode_b=2,
                 prompt=8, new_tokens=4, dtype="float32"),  # CPU dots take no bf16 x bf16 -> fp32
 }
@@ -367,7 +372,7 @@ def case_e2e(s, a, peaks):
     return cases
 
 
-CASES = {"ssd": case_ssd, "gmm": case_gmm, "ffn": case_ffn, "e2e": case_e2e}
+CASES = {"ssd": case_ssd, "gmm": case_gmm, "ffn": case_ffn, "ffn_narrow": case_ffn, "e2e": case_e2e}
 
 
 def print_case(c):
@@ -384,7 +389,7 @@ def print_case(c):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="ssd,gmm,ffn,e2e", help="comma-separated subset of " + ",".join(CASES))
+    ap.add_argument("--only", default="ssd,gmm,ffn,ffn_narrow,e2e", help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--quick", action="store_true", help="tiny shapes, interpret mode on CPU (smoke run)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls per function before timing")

@@ -113,8 +113,9 @@ def test_dispatch_leading_dims_biases_and_errors():
     y_np, grads_np = np_ffn_and_grads(dy, x, w_up, w_down, b_up, b_down)
     y, vjp = jax.vjp(lambda *a: ffn(*a, implementation="pallas"), *biased)
     np.testing.assert_allclose(np.asarray(y).reshape(T, D), y_np, rtol=1e-5, atol=1e-5)
+    # atol 3e-5: compiled on an H200 the default tiles' fp32 sums put one of 3840 entries 1.2e-5 off
     for name, g, g_np in zip(GRAD_NAMES, vjp(dy.reshape(xb.shape)), grads_np, strict=True):
-        np.testing.assert_allclose(np.asarray(g).reshape(g_np.shape), g_np, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(g).reshape(g_np.shape), g_np, rtol=1e-5, atol=3e-5, err_msg=name)
     # the kernel ran: its custom_vjp calls the Pallas backward kernels, which the XLA path has none of
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: ffn(*a, implementation="pallas").sum(), argnums=3))(*biased))
     assert "relu2_ffn_dw" in jaxpr and "relu2_ffn_fwd" in jaxpr
@@ -132,9 +133,9 @@ def test_dispatch_leading_dims_biases_and_errors():
         FfnConfig(num_warps=0)
 
 
-def test_kernels_lower_to_triton_for_cuda():
+def test_kernels_lower_to_triton_for_cuda(triton_modules):
     """Forward, dx and dW kernels (with biases: dW then also writes db_up) at the default blocks
-    and bf16, lowered (not run) for an H100."""
+    and bf16, lowered (not run) for an H100; each Triton module passes MLIR's verifier (the fixture)."""
     sds = jax.ShapeDtypeStruct
     fn = lambda *a: jnp.sum(fused_relu2_ffn(*a, config=FfnConfig(interpret=False)).astype(jnp.float32))
     text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3, 4))).trace(
@@ -144,6 +145,7 @@ def test_kernels_lower_to_triton_for_cuda():
     assert len(kernels) == 3
     for name in ("relu2_ffn_fwd", "relu2_ffn_dx", "relu2_ffn_dw"):
         assert any(f'name = "{name}"' in line for line in kernels), name
+    assert len(triton_modules) == 3
 
 
 def test_kernel_benchmark_quick_smoke(tmp_path):
@@ -155,7 +157,7 @@ def test_kernel_benchmark_quick_smoke(tmp_path):
                            "--only", "gmm,ffn", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "INTERPRET mode" in proc.stdout
+    assert ("INTERPRET mode" in proc.stdout) == (jax.default_backend() != "gpu")
     cases = json.loads(out.read_text())["cases"]
     assert {(c["op"], c["mode"]) for c in cases} == {(op, mode) for op in ("gmm_up", "ffn")
                                                      for mode in ("fwd", "fwd+bwd")}

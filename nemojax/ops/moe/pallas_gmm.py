@@ -85,7 +85,10 @@ def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, 
     def group_body(g, acc):
         lo, hi = offsets_ref[g], offsets_ref[g + 1]
         in_group = (rows >= lo) & (rows < hi) & (rows < m)
-        overlap = jnp.maximum(lo, m0) < jnp.minimum(hi, m0 + bm)  # False for empty groups
+        # 1 if the group meets this row tile, else 0 (empty groups too). Integer arithmetic, not a
+        # where() on the comparison: with num_k == 1 jax turns where(c, 1, 0) into a bool->int32
+        # convert that the Triton lowering leaves as i1, and the scf.for bounds then fail to verify.
+        overlap = jnp.clip(jnp.minimum(hi, m0 + bm) - jnp.maximum(lo, m0), 0, 1)
 
         def k_body(kk, acc):
             k0 = kk * bk
@@ -97,7 +100,7 @@ def _gmm_kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, 
             b = load_tile(rhs_ref, (g, pl.ds(k0, bk), pl.ds(n0, bn)), k_mask, n_mask)
             return acc + dot(a, b.astype(compute_dtype))
 
-        return lax.fori_loop(0, jnp.where(overlap, num_k, 0), k_body, acc)
+        return lax.fori_loop(0, overlap * num_k, k_body, acc)
 
     acc = lax.fori_loop(first_ref[i], last_ref[i], group_body, jnp.zeros((bm, bn), jnp.float32))
     store_tile(out_ref, (pl.ds(m0, bm), pl.ds(n0, bn)), acc, edge_mask(m0, bm, m), n_mask)
