@@ -526,6 +526,42 @@ for _h in CPU_VS_HF:
     prose(BENCH, CPU_VS_HF[_h])(lambda d, h=_h: cpu_vs_hf_prose(d, h))
 
 
+KERNELS_H200 = {case: f"experiments/benchmarks/results/kernels_h200_{case}.json" for case in ("ssd", "ffn", "ffn_narrow")}
+
+
+def kernel_rows(d):
+    rows = [["op", "shape", "mode", "implementation", "median ms (IQR)", "vs xla", "roofline", "rel err vs xla"]]
+    for c in d["cases"]:
+        shape = " ".join(f"{k}={v}" for k, v in c["shape"].items())
+        for name, r in c["results"].items():
+            err = c["rel_err_vs_xla"].get(name)
+            rows.append([c["op"], shape, c["mode"], name, f"{r['ms']:.3f} ({100 * r['iqr_rel']:.0f}%)",
+                         f"{r['vs_xla']:.2f}x", f"{100 * r['roofline']['fraction']:.1f}% ({r['roofline']['binds']})",
+                         "" if err is None else f"{err:.1e}"])
+    return rows
+
+
+def kernel_speedups(d) -> dict[str, float]:
+    """mode -> XLA time over the Pallas kernel's time (above 1: the kernel is faster)."""
+    return {c["mode"]: 1 / c["results"]["pallas"]["vs_xla"] for c in d["cases"]}
+
+
+@prose(BENCH, KERNELS_H200["ssd"])
+def kernels_h200_prose(d):
+    ssd = kernel_speedups(d)
+    ffn, narrow = (kernel_speedups(load(KERNELS_H200[k])) for k in ("ffn", "ffn_narrow"))
+    return [f"The SSD kernels run the forward {ssd['fwd']:.1f}x and the forward plus backward {ssd['fwd+bwd']:.1f}x "
+            "as fast as the XLA path",
+            f"At Nemotron-H-8B width the fused FFN is {1 / ffn['fwd']:.0f}x slower than XLA in the forward and "
+            f"{1 / ffn['fwd+bwd']:.0f}x in the forward plus backward",
+            f"At D = 128 the fused forward is {narrow['fwd']:.2f}x as fast as XLA's, but the forward plus backward "
+            f"is {1 / narrow['fwd+bwd']:.1f}x slower"]
+
+
+for _case, _source in KERNELS_H200.items():
+    table(_source)(kernel_rows)
+
+
 # --------------------------------------------------------------------- experiments/puzzle/README.md
 PUZZLE = "experiments/puzzle/README.md"
 PARENT = "experiments/puzzle/results/parent.json"

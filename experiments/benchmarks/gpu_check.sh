@@ -26,8 +26,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 cat "$OUT/env.txt"
 
 if [ "$TEST_SECONDS" -gt 0 ]; then
+  # -v: each outcome is logged as it lands, so a run cut by its time limit still names what passed.
   # the tests hold XLA's fp32 matmuls to fp32 tolerances: no TF32 there (the benchmarks keep the default)
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$TEST_SECONDS" python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 --dist loadfile \
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$TEST_SECONDS" python3 -m pytest -v -p no:cacheprovider -p no:benchmark -o addopts="" -n 4 --dist loadfile \
     tests/ops/test_ssd_pallas.py tests/ops/test_moe_gmm_pallas.py tests/ops/test_ffn_pallas.py \
     "tests/nn/test_model.py::test_kernels_switched_on_everywhere_match_the_xla_model" >"$OUT/tests.log" 2>&1
   echo "kernel tests: exit $?"
