@@ -60,6 +60,9 @@ class MoE(Stateless, nnx.Module):
         self.capacity_factor: float | None = None  # None: dropless
         self.expert_mesh = None  # a jax.sharding.Mesh with an "expert" axis: expert parallelism
         self.collect_stats = False  # training: record per-layer routing stats (see `pop_moe_stats`)
+        # low-precision training of the routed experts' GEMMs, as `Linear` has (`configure_precision`)
+        self.precision = None
+        self.rounding_key = None
         e, f = spec.num_experts, spec.intermediate_size
         d_in = spec.latent_size or hidden
         self.gate_weight = nnx.Param(std * jax.random.normal(rngs.params(), (hidden, e), dtype))
@@ -102,7 +105,10 @@ class MoE(Stateless, nnx.Module):
         if self.expert_mesh is None:
             out = moe_ffn(h, weights, indices, self.up_proj[...], self.down_proj[...],
                           implementation=self.implementation, capacity_factor=self.capacity_factor,
-                          return_stats=self.collect_stats)
+                          return_stats=self.collect_stats, precision=self.precision, rounding_key=self.rounding_key)
+        elif self.precision is not None:
+            raise ValueError("MoE: quantised expert GEMMs (a precision recipe) do not run under expert parallelism; "
+                             "train without an expert mesh axis or in bf16")
         else:
             out = moe_ffn_expert_parallel(h, weights, indices, self.up_proj[...], self.down_proj[...],
                                           mesh=self.expert_mesh, capacity_factor=self.capacity_factor,

@@ -150,18 +150,18 @@ def _block_amax(blocks, within):
 
 # --- formats: fp32 x -> fp32 dequantised values -----------------------------------------------------
 
-def _fp8(x, axes, rounding, key, *, element):
+def _fp8(x, axes, rounding, key, amax, *, element):
     del axes  # one scale for the whole tensor
-    scale = _amax_scale(_finite_amax(x), _fmax(element))
+    scale = _amax_scale(amax, _fmax(element))
     return _round_to_element(x * _reciprocal(scale), element, rounding, key) * scale
 
 
-def _nvfp4(x, axes, rounding, key):
+def _nvfp4(x, axes, rounding, key, amax):
     """Two-level scaling, in this fp32 arithmetic: the tensor scale g = amax / (6 * 448) (correctly
     rounded) and t = x * (1/g), so every block scale s = E4M3(max|t_block| * (1/6)) is at most 448;
     elements E2M1(t * (1/s)); value (E2M1 * s) * g. A block whose scale underflows E4M3
     (max|t_block| < 6 * 2^-10) is all zeros."""
-    g = _amax_scale(_finite_amax(x), _fmax(E2M1) * _fmax(E4M3))
+    g = _amax_scale(amax, _fmax(E2M1) * _fmax(E4M3))
 
     def per_block(t, within):
         s = _round_to_element(_block_amax(t, within) * (1 / _fmax(E2M1)), E4M3)
@@ -170,9 +170,10 @@ def _nvfp4(x, axes, rounding, key):
     return _blockwise(per_block, x * _reciprocal(g), axes, NVFP4_BLOCK) * g
 
 
-def _mxfp4(x, axes, rounding, key):
+def _mxfp4(x, axes, rounding, key, amax):
     """Scale 2^(floor(log2 max|x_block|) - 2) per block (OCP MX v1.0, emax_elem = 2 for E2M1), so the
     block max lands in [4, 8) and values above 6 saturate to 6; elements E2M1(x / scale)."""
+    del amax  # no tensor scale
 
     def per_block(b, within):
         amax = _block_amax(b, within)
@@ -223,6 +224,14 @@ def quantize(x, fmt: str, *, axis=-1, rounding: str = "nearest", key=None):
 
     Backward: straight-through (custom_vjp): the cotangent passes to x unchanged; key gets none.
     """
+    _check_args(fmt, rounding, key)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantize: x must be a floating-point array; got dtype {x.dtype}")
+    return _compiled(fmt, _normalize_axes(axis, x.ndim), rounding, x, key)
+
+
+def _check_args(fmt, rounding, key) -> None:
     if not isinstance(fmt, str) or fmt not in _QUANTIZERS:
         raise ValueError(f"quantize: fmt must be one of {FORMATS}; got {fmt!r}")
     if rounding not in ROUNDINGS:
@@ -230,10 +239,6 @@ def quantize(x, fmt: str, *, axis=-1, rounding: str = "nearest", key=None):
     if (rounding == "stochastic") != (key is not None):
         raise ValueError(f"quantize: key must be given exactly when rounding='stochastic'; "
                          f"got rounding={rounding!r}, key={'None' if key is None else 'given'}")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"quantize: x must be a floating-point array; got dtype {x.dtype}")
-    return _compiled(fmt, _normalize_axes(axis, x.ndim), rounding, x, key)
 
 
 def _normalize_axes(axis, ndim: int) -> tuple[int, ...]:
@@ -251,18 +256,49 @@ def _normalize_axes(axis, ndim: int) -> tuple[int, ...]:
     return axes
 
 
+def quantize_groups(x, fmt: str, group_sizes, *, axis: int = -1, rounding: str = "nearest", key=None):
+    """`quantize` of each group of consecutive rows of x [R, C] as a tensor of its own, in one call: the
+    rows of a grouped GEMM's operand (a routed expert's tokens), each group with its own per-tensor
+    scale. group_sizes: int [G], the rows of each group in order; rows past their sum form one more group.
+
+    axis: -1 or 1, blocks along each row (C, the features); 0, blocks down the rows (the tokens, as a
+    weight-gradient GEMM contracts them), which never straddle two groups when every group size is a
+    multiple of the format's block (16 for nvfp4, 32 for mxfp4). That alignment is the caller's to keep
+    (the sizes are traced); with it, each group quantises exactly as quantize(x[start:end], ...) would.
+    rounding, key: as in `quantize` (stochastic rounding draws over the whole [R, C])."""
+    _check_args(fmt, rounding, key)
+    x, group_sizes = jnp.asarray(x), jnp.asarray(group_sizes)
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"quantize_groups: x must be a floating-point [R, C] array; got {x.dtype} {x.shape}")
+    if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"quantize_groups: group_sizes must be a 1-D integer array; got {group_sizes.dtype} "
+                         f"{group_sizes.shape}")
+    if isinstance(axis, bool) or axis not in (-1, 0, 1):
+        raise ValueError(f"quantize_groups: axis must be -1, 0 or 1; got {axis!r}")
+    return _compiled(fmt, (axis % 2,), rounding, x, key, group_sizes)
+
+
+def _group_amax(x, group_sizes):
+    """[R, 1]: each row's group's finite amax (x [R, C], groups of consecutive rows)."""
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(x.shape[0]), side="right")
+    rows = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0), axis=1)
+    return jax.ops.segment_max(rows, group, num_segments=group_sizes.shape[0] + 1)[group][:, None]
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _straight_through(fmt, axes, rounding, x, key):
-    return _QUANTIZERS[fmt](x.astype(jnp.float32), axes, rounding, key).astype(x.dtype)
+def _straight_through(fmt, axes, rounding, x, key, group_sizes=None):
+    x32 = x.astype(jnp.float32)
+    amax = _finite_amax(x32) if group_sizes is None else _group_amax(x32, group_sizes)
+    return _QUANTIZERS[fmt](x32, axes, rounding, key, amax).astype(x.dtype)
 
 
-def _straight_through_fwd(fmt, axes, rounding, x, key):
-    return _straight_through(fmt, axes, rounding, x, key), None
+def _straight_through_fwd(fmt, axes, rounding, x, key, group_sizes=None):
+    return _straight_through(fmt, axes, rounding, x, key, group_sizes), None
 
 
 def _straight_through_bwd(fmt, axes, rounding, residuals, g):
     del fmt, axes, rounding, residuals
-    return g, None
+    return g, None, None
 
 
 _straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)

@@ -10,18 +10,22 @@ Blocks run along each GEMM's contraction axis (1 x 16 for NVFP4 activations and 
 quantised W (otherwise Dgrad quantises it again along the output features). H is a random 16 x 16
 Hadamard transform along the tokens (Wgrad only): H^T H = I leaves dW unchanged before quantisation.
 Gradients take stochastic rounding with `stochastic_rounding`; weights and activations round to nearest.
+
+The routed experts run the same three matmuls as one grouped GEMM over all experts
+(`grouped_quantized_matmul`), each expert's weight and rows quantised as tensors of their own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from nemojax.quant.formats import FORMATS, NVFP4_BLOCK, quantize
+from nemojax.quant.formats import FORMATS, MXFP4_BLOCK, NVFP4_BLOCK, quantize, quantize_groups
 from nemojax.quant.hadamard import hadamard_transform, random_hadamard
 
 
@@ -52,6 +56,12 @@ class Precision:
     @property
     def needs_key(self) -> bool:
         return self.hadamard or (self.stochastic_rounding and self.gradients is not None)
+
+    @property
+    def row_alignment(self) -> int:
+        """Rows a grouped GEMM's layout gives each expert, in multiples of: the block the Wgrad operands
+        are quantised in down the tokens (and the Hadamard size), so no block straddles two experts."""
+        return MXFP4_BLOCK if "mxfp4" in (self.activations, self.gradients) else NVFP4_BLOCK
 
 
 # The recipes of `nemojax train --precision` (None: no quantisation, the matmuls run in the compute dtype).
@@ -99,8 +109,12 @@ def default_high_precision_layers(name: str, num_layers: int) -> tuple[int, int]
     return 0, 0
 
 
-def _quantize(x, fmt, axis, rounding="nearest", key=None):
-    return x if fmt is None else quantize(x, fmt, axis=axis, rounding=rounding, key=key)
+def _quantize(x, fmt, axis, rounding="nearest", key=None, groups=None):
+    if fmt is None:
+        return x
+    if groups is None:
+        return quantize(x, fmt, axis=axis, rounding=rounding, key=key)
+    return quantize_groups(x, fmt, groups, axis=axis, rounding=rounding, key=key)
 
 
 def _matmul(a, b):
@@ -110,50 +124,77 @@ def _matmul(a, b):
 
 def _weight(w, p: Precision, gemm: str):
     """W as Fprop ("fprop": blocks along the input features) or Dgrad ("dgrad": along the output
-    features) reads it; with 2D blocks both read the same tiles."""
-    axis = (0, 1) if p.weight_blocks_2d else {"fprop": 0, "dgrad": 1}[gemm]
-    return _quantize(w, p.weights, axis)
+    features) reads it; with 2D blocks both read the same tiles. A stack of experts' weights [E, K, N]:
+    each expert's is a tensor of its own (its own per-tensor scale)."""
+    if p.weights is None:
+        return w
+    q = partial(quantize, fmt=p.weights, axis=(-2, -1) if p.weight_blocks_2d else {"fprop": -2, "dgrad": -1}[gemm])
+    return q(w) if w.ndim == 2 else jax.vmap(q)(w)
 
 
-def _gradient(g, p: Precision, axis, key):
+def _gradient(g, p: Precision, axis, key, groups=None):
     rounding = "stochastic" if p.stochastic_rounding and p.gradients is not None else "nearest"
-    return _quantize(g, p.gradients, axis, rounding, key if rounding == "stochastic" else None)
+    return _quantize(g, p.gradients, axis, rounding, key if rounding == "stochastic" else None, groups)
 
 
-def _qmatmul_fwd(x, w, p, key):
+@dataclass(frozen=True)
+class GroupedGemm:
+    """A grouped GEMM on its row layout, as a routed-experts dispatch runs it: rows [R, K] in consecutive
+    groups of group_sizes[e] rows, expert e's rows times its weight w[e].
+
+    dot(a [R, K], b [E, K, N], group_sizes) -> fp32 [R, N], rows past sum(group_sizes) 0;
+    wgrad(a [R, K], g [R, N], group_sizes) -> fp32 [E, K, N], expert e's a^T g over its rows.
+    Both take operands of one dtype."""
+
+    dot: Callable
+    wgrad: Callable
+
+
+def _dot(a, b, groups, gemm: GroupedGemm | None):
+    return _matmul(a, b) if gemm is None else gemm.dot(a, b, groups)
+
+
+def _qmatmul_fwd(x, w, key, groups, p, gemm):
     w_f = _weight(w, p, "fprop")
+    y = _dot(_quantize(x, p.activations, -1, groups=groups), w_f, groups, gemm)
     # 2D blocks: Dgrad reads the forward's quantised weight, kept rather than quantised again
-    return _matmul(_quantize(x, p.activations, -1), w_f), (x, w, w_f if p.weight_blocks_2d else None, key)
+    return y, (x, w, w_f if p.weight_blocks_2d else None, key, groups)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x, w, p: Precision, key):
-    return _qmatmul_fwd(x, w, p, key)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _qmatmul(x, w, key, groups, p: Precision, gemm: GroupedGemm | None):
+    return _qmatmul_fwd(x, w, key, groups, p, gemm)[0]
 
 
-def _qmatmul_bwd(p, residuals, g):
-    x, w, w_f, key = residuals
+def _qmatmul_bwd(p, gemm, residuals, g):
+    x, w, w_f, key, groups = residuals
     if p.needs_key and key is None:
         raise ValueError("quantized_matmul: the backward of this precision (stochastic rounding or the Hadamard "
                          "transform) needs a key; in training, nemojax.quant.training.set_rounding_keys gives every "
                          "layer one")
     k_dgrad, k_wgrad, k_hadamard = jax.random.split(key, 3) if key is not None else (None,) * 3
+    w_d = _weight(w, p, "dgrad") if w_f is None else w_f
+    g_d = _gradient(g, p, -1, k_dgrad, groups)
     # Each gradient is the transpose of the plain matmul on that GEMM's quantised operands, so with
     # identity quantisers it is exactly what autodiff of `_matmul` gives.
-    w_d = _weight(w, p, "dgrad") if w_f is None else w_f
-    dx, = jax.linear_transpose(lambda a: _matmul(a, w_d), x)(_gradient(g, p, -1, k_dgrad))
+    if gemm is None:
+        dx, = jax.linear_transpose(lambda a: _matmul(a, w_d), x)(g_d)
+    else:  # each expert's rows times its transposed weight, on the same layout
+        dx = gemm.dot(g_d, jnp.swapaxes(w_d, 1, 2).astype(g_d.dtype), groups).astype(x.dtype)
     # Wgrad contracts over every token: flatten them onto axis 0, the axis its blocks run along.
     x_t, g_t = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     if p.hadamard:  # zero tokens padded to whole Hadamard blocks add nothing to x^T g
         pad = ((0, -x_t.shape[0] % NVFP4_BLOCK), (0, 0))
         h = random_hadamard(k_hadamard, NVFP4_BLOCK)
         x_t, g_t = (hadamard_transform(jnp.pad(t.astype(jnp.float32), pad), h, axis=0) for t in (x_t, g_t))
-    x_w = _quantize(x_t, p.activations, 0)
-    g_w = _gradient(g_t, p, 0, k_wgrad)
+    x_w = _quantize(x_t, p.activations, 0, groups=groups)
+    g_w = _gradient(g_t, p, 0, k_wgrad, groups)
+    if gemm is not None:
+        return dx, gemm.wgrad(x_w.astype(g_w.dtype), g_w, groups).astype(w.dtype), None, None
     if not p.hadamard:  # back to x's shape: the same contraction autodiff of `_matmul` runs
         x_w, g_w = x_w.reshape(x.shape), g_w.reshape(g.shape)
     dw, = jax.linear_transpose(lambda b: _matmul(x_w, b), w)(g_w)
-    return dx, dw, None
+    return dx, dw, None, None
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -169,8 +210,34 @@ def quantized_matmul(x, w, precision: Precision, key=None):
     random Hadamard signs; differentiating without one raises); the forward is deterministic. The backward
     uses jax.random.split(key, 3) as the keys of Dgrad's and Wgrad's gradient rounding and of the Hadamard
     signs (`random_hadamard`), in that order. Gradients: dx in x's dtype, dw in w's."""
-    if not isinstance(precision, Precision):
-        raise ValueError(f"quantized_matmul: precision must be a Precision; got {precision!r}")
+    _check_precision("quantized_matmul", precision)
     if x.shape[-1] != w.shape[0] or w.ndim != 2:
         raise ValueError(f"quantized_matmul: x [..., K] and w [K, N] needed; got x {x.shape}, w {w.shape}")
-    return _qmatmul(x, w, precision, key if precision.needs_key else None)
+    return _qmatmul(x, w, key if precision.needs_key else None, None, precision, None)
+
+
+def grouped_quantized_matmul(x, w, group_sizes, precision: Precision, key=None, *, gemm: GroupedGemm):
+    """The routed experts' GEMM out[r] = x[r] @ w[e] for the rows r of expert e, x [R, K] holding the
+    experts' rows in consecutive groups (group_sizes [E] rows each; rows past their sum belong to no
+    expert and give 0), w [E, K, N] -> fp32 [R, N], run by `gemm` on the dispatch's layout. Each of the
+    three matmuls quantises its operands as `quantized_matmul` does, with every expert's rows and weight
+    tensors of their own (per-expert per-tensor scales; an expert's Wgrad blocks and Hadamard blocks run
+    down its own rows only), so expert e computes what quantized_matmul(x_e, w[e], precision, key) does
+    on its rows x_e. One key for all experts: the same Hadamard matrix for each, and the stochastic
+    rounding draws over the whole [R, .] operand.
+
+    Every group size must be a multiple of `precision.row_alignment` (the layout pads each expert's rows
+    with zero rows to whole blocks: zeros change no scale and add nothing to a product), R too."""
+    _check_precision("grouped_quantized_matmul", precision)
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"grouped_quantized_matmul: x [R, K], w [E, K, N] and group_sizes [E] needed; got x "
+                         f"{x.shape}, w {w.shape}, group_sizes {group_sizes.shape}")
+    if x.shape[0] % precision.row_alignment:
+        raise ValueError(f"grouped_quantized_matmul: rows R={x.shape[0]} must be a multiple of "
+                         f"row_alignment={precision.row_alignment}")
+    return _qmatmul(x, w, key if precision.needs_key else None, group_sizes, precision, gemm)
+
+
+def _check_precision(op: str, precision) -> None:
+    if not isinstance(precision, Precision):
+        raise ValueError(f"{op}: precision must be a Precision; got {precision!r}")

@@ -42,8 +42,8 @@ class TrainConfig:
     precision: str = field(default="bf16", metadata={
         "help": "the linear layers' matmuls (forward and both gradients): bf16 (unquantised, in --compute-dtype), "
                 "fp8 (E4M3 weights and activations, E5M2 gradients, per-tensor scaling) or nvfp4 (the NVFP4 "
-                "pretraining recipe); routed experts, router, norms, SSM scan, embeddings and LM head stay "
-                "unquantised"})
+                "pretraining recipe), the routed experts' GEMMs too; router, norms, SSM scan, embeddings and LM head "
+                "stay unquantised"})
     precision_disable: str | None = field(default=None, metadata={
         "help": "parts of the --precision recipe to switch off for ablations, comma-separated: "
                 + ", ".join(SWITCHES), "default": "none"})

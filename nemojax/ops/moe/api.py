@@ -8,6 +8,8 @@ dispatch.py's doc). The implementations compute the same math (reference.py, dis
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,13 +54,24 @@ def check_moe_args(op: str, x, weights, indices, w_up, w_down) -> None:
 
 
 def moe_ffn(x, weights, indices, w_up, w_down, *, implementation: str | None = None,
-            capacity_factor: float | None = None, return_stats: bool = False):
+            capacity_factor: float | None = None, return_stats: bool = False, precision=None, rounding_key=None):
     """The routed experts of the module doc for x [T, Din], weights, indices [T, K], w_up
     [E, Din, F], w_down [E, F, Din]. Matmuls and the weighted sum accumulate in fp32; the result
     has x's dtype. implementation: None (`default_implementation()`) or one of IMPLEMENTATIONS.
-    capacity_factor: None (dropless) or > 0. With `return_stats`, returns (y, `routing_stats`)."""
+    capacity_factor: None (dropless) or > 0. With `return_stats`, returns (y, `routing_stats`).
+
+    precision: None, or a `nemojax.quant.linear.Precision`: low-precision training, both expert GEMMs
+    and their gradients on operands quantised with per-expert scales (`grouped_quantized_matmul`);
+    `rounding_key` is its backward's key when `precision.needs_key`. Not with "dense", which runs every
+    expert on every token and so has no expert's own tokens to scale."""
     fn = expert_ffn(implementation)
     check_moe_args("moe_ffn", x, weights, indices, w_up, w_down)
+    if precision is not None:
+        if fn is dense_moe:
+            raise ValueError("moe_ffn: implementation 'dense' cannot quantise the experts' GEMMs (it runs every "
+                             f"expert on every token); with a precision use one of "
+                             f"{tuple(n for n in IMPLEMENTATIONS if n != 'dense')}")
+        fn = functools.partial(fn, precision=precision, rounding_key=rounding_key)
     t, k = indices.shape
     e = w_up.shape[0]
     cap = dispatch.capacity(t * k, e, capacity_factor, limit=t)

@@ -23,6 +23,13 @@ Each takes (x [T, D], weights [T, K], indices [T, K], w_up [E, D, F], w_down [E,
 keyword `kept` (bool [T, K], None: every assignment) and `cap` (the capacity: rows an expert may
 receive when assignments were dropped by a capacity factor; None: dropless), and returns fp32 [T, D].
 
+Low-precision training (keywords `precision`, a `nemojax.quant.linear.Precision`, and `rounding_key`):
+each dispatch pads every expert's rows to whole quantisation blocks (`Precision.row_alignment` rows:
+"ragged" in tiles of that many rows, "loop" in tiles of at least that many, "batched" with that many
+more slots at most) and runs both GEMMs through `grouped_quantized_matmul` with its own grouped
+matmul (`GroupedGemm`: ragged_dot, the Pallas gmm/tgmm, a batched einsum, the loop over tiles), so
+every expert's tokens and weight are quantised as tensors of their own, whatever the layout.
+
 Capacity (static shapes): with a capacity factor c each expert keeps at most
 C = ceil(c * T * K / E) assignments (within [1, T]), counted over all T tokens of the call. The
 drop rule is by position: an expert keeps its first C assignments in token order (a token reaches
@@ -43,7 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from nemojax.ops.ffn import relu2
-from nemojax.ops.moe.pallas_gmm import gmm
+from nemojax.ops.moe.pallas_gmm import gmm, tgmm
+from nemojax.quant.linear import GroupedGemm, grouped_quantized_matmul
 
 # Dropless "batched" capacity buckets, in units of the mean load T*K/E (T itself is the last one).
 # Under sigmoid routing with the correction bias, the busiest expert stays within ~1.2x the mean.
@@ -93,51 +101,92 @@ def _expert_keys(indices, kept, num_experts: int):
 
 
 # ------------------------------------------------------------------------------------- ragged
-def ragged(x, weights, indices, w_up, w_down, *, kept=None, cap=None, grouped_dot=lax.ragged_dot):
+def _ragged_dot(a, b, group_sizes):
+    # ragged_dot leaves rows past the last group unspecified; zero them so that neither they nor
+    # their gradients reach anything.
+    filled = (jnp.arange(a.shape[0]) < jnp.sum(group_sizes))[:, None]
+    return jnp.where(filled, lax.ragged_dot(a, b, group_sizes, preferred_element_type=jnp.float32), 0.0)
+
+
+def _ragged_wgrad(a, g, group_sizes):
+    w = jax.ShapeDtypeStruct((group_sizes.shape[0], a.shape[1], g.shape[1]), a.dtype)
+    return jax.linear_transpose(lambda b: _ragged_dot(a, b, group_sizes), w)(g)[0]
+
+
+RAGGED = GroupedGemm(dot=_ragged_dot, wgrad=_ragged_wgrad)
+PALLAS = GroupedGemm(dot=gmm, wgrad=tgmm)  # gmm's rows past the last group are 0
+
+
+def ragged(x, weights, indices, w_up, w_down, *, kept=None, cap=None, gemm=RAGGED, precision=None,
+           rounding_key=None):
     t, k = indices.shape
     e = w_up.shape[0]
     key = _expert_keys(indices, kept, e)
     rows = t * k if cap is None else min(t * k, e * cap)  # static: every kept one fits
+    if precision is not None:  # each expert's rows padded to whole quantisation blocks
+        row, tiles, num_rows = _tiled_rows(key, e, rows, precision.row_alignment)
+        ys = _quantized_experts(gather_rows(x, row, k, num_rows), tiles * precision.row_alignment, w_up, w_down,
+                                precision, rounding_key, gemm)
+        return combine(ys, row, weights)
     order = jnp.argsort(key, stable=True)[:rows]  # the not-kept (key E) sort last
     group_sizes = jnp.bincount(key, length=e).astype(jnp.int32)
-    # ragged_dot leaves rows past the last group unspecified; zero them so that neither they nor
-    # their gradients reach anything.
-    filled = (jnp.arange(rows) < jnp.sum(group_sizes))[:, None]
-    pre = grouped_dot(x[order // k], w_up, group_sizes, preferred_element_type=jnp.float32)
-    h = relu2(jnp.where(filled, pre, 0.0)).astype(x.dtype)
-    ys = jnp.where(filled, grouped_dot(h, w_down, group_sizes, preferred_element_type=jnp.float32), 0.0)
+    h = relu2(gemm.dot(x[order // k], w_up, group_sizes)).astype(x.dtype)
+    ys = gemm.dot(h, w_down, group_sizes)
     # each assignment's sorted row; the not-kept land past the filled rows (zero) or at `rows` (fill)
     row = jnp.full((t * k,), rows, jnp.int32).at[order].set(jnp.arange(rows, dtype=jnp.int32))
     return combine(ys, row, weights)
 
 
-ragged_pallas = functools.partial(ragged, grouped_dot=gmm)
+ragged_pallas = functools.partial(ragged, gemm=PALLAS)
 
 
 # ------------------------------------------------------------------------------------ batched
-def _batched(x, weights, w_up, w_down, key, slot, cap):
+def _batched_dot(a, b, group_sizes):
+    e = group_sizes.shape[0]
+    return jnp.einsum("eck,ekn->ecn", a.reshape(e, -1, a.shape[1]), b,
+                      preferred_element_type=jnp.float32).reshape(a.shape[0], -1)
+
+
+def _batched_wgrad(a, g, group_sizes):
+    e = group_sizes.shape[0]
+    return jnp.einsum("eck,ecn->ekn", a.reshape(e, -1, a.shape[1]), g.reshape(e, -1, g.shape[1]),
+                      preferred_element_type=jnp.float32)
+
+
+BATCHED = GroupedGemm(dot=_batched_dot, wgrad=_batched_wgrad)  # every group the same size, R / E
+
+
+def _batched(x, weights, w_up, w_down, key, slot, cap, precision=None, rounding_key=None):
     t, k = weights.shape
     e = w_up.shape[0]
-    row = jnp.where(key < e, key * cap + slot, e * cap)
-    buf = gather_rows(x, row, k, e * cap).reshape(e, cap, -1)
+    # quantised: each expert's slots padded to whole quantisation blocks
+    slots = cap if precision is None else -(-cap // precision.row_alignment) * precision.row_alignment
+    row = jnp.where(key < e, key * slots + slot, e * slots)
+    buf = gather_rows(x, row, k, e * slots)
+    if precision is not None:
+        y_buf = _quantized_experts(buf, jnp.full((e,), slots, jnp.int32), w_up, w_down, precision, rounding_key,
+                                   BATCHED)
+        return combine(y_buf, row, weights)
+    buf = buf.reshape(e, cap, -1)
     h = relu2(jnp.einsum("ecd,edf->ecf", buf, w_up, preferred_element_type=jnp.float32)).astype(x.dtype)
     y_buf = jnp.einsum("ecf,efd->ecd", h, w_down, preferred_element_type=jnp.float32)
     return combine(y_buf.reshape(e * cap, -1), row, weights)
 
 
-def batched(x, weights, indices, w_up, w_down, *, kept=None, cap=None):
+def batched(x, weights, indices, w_up, w_down, *, kept=None, cap=None, precision=None, rounding_key=None):
     t, k = indices.shape
     e = w_up.shape[0]
     key = _expert_keys(indices, kept, e)
     slot = arrival_rank(key, e + 1)
+    quantised = (precision, rounding_key)
     if cap is not None:
-        return _batched(x, weights, w_up, w_down, key, slot, cap)
+        return _batched(x, weights, w_up, w_down, key, slot, cap, *quantised)
     caps = sorted({capacity(t * k, e, f, limit=t) for f in DROPLESS_BUCKETS} | {t})
     busiest = jnp.max(jnp.bincount(key, length=e))
     bucket = jnp.sum(busiest > jnp.array(caps[:-1]))
     # Rematerialised branches: under grad, a switch keeps the residuals of every branch, zero-filled
     # for those not taken ([E, T, F] for the T bucket); with remat a branch's residuals are its inputs.
-    branches = [jax.checkpoint(lambda ops, c=c: _batched(*ops, key, slot, c)) for c in caps]
+    branches = [jax.checkpoint(lambda ops, c=c: _batched(*ops, key, slot, c, *quantised)) for c in caps]
     return lax.switch(bucket, branches, (x, weights, w_up, w_down))
 
 
@@ -208,16 +257,67 @@ def _expert_loop_bwd(m, res, dy):
 _expert_loop_ffn.defvjp(_expert_loop_fwd, _expert_loop_bwd)
 
 
-def loop(x, weights, indices, w_up, w_down, *, kept=None, cap=None):
+def _tiled_rows(key, num_experts: int, placed: int, m: int):
+    """(row [T*K], tiles [E], num_rows): each expert's `key`ed assignments (of `placed`) in rows from
+    its first tile on, in arrival order, its tiles of m rows following the previous expert's; not
+    placed: row num_rows."""
+    e = num_experts
+    tiles = ((jnp.bincount(key, length=e) + m - 1) // m).astype(jnp.int32)
+    first = jnp.cumsum(tiles) - tiles
+    num_rows = (placed // m + e) * m  # sum_e ceil(count_e / m) <= placed / m + E tiles
+    row = jnp.where(key < e, first[jnp.minimum(key, e - 1)] * m + arrival_rank(key, e + 1), num_rows)
+    return row, tiles, num_rows
+
+
+def _loop_dot(a, b, group_sizes, *, m: int):
+    end = jnp.cumsum(group_sizes) // m
+
+    def expert(e, y):
+        def tile(i, y):
+            yt = jnp.dot(lax.dynamic_slice_in_dim(a, i * m, m), b[e], preferred_element_type=jnp.float32)
+            return lax.dynamic_update_slice_in_dim(y, yt, i * m, 0)
+        return lax.fori_loop(end[e] - group_sizes[e] // m, end[e], tile, y)
+
+    return lax.fori_loop(0, b.shape[0], expert, jnp.zeros((a.shape[0], b.shape[2]), jnp.float32))
+
+
+def _loop_wgrad(a, g, group_sizes, *, m: int):
+    end = jnp.cumsum(group_sizes) // m
+
+    def expert(e, dw):
+        def tile(i, acc):
+            return acc + jnp.dot(lax.dynamic_slice_in_dim(a, i * m, m).T, lax.dynamic_slice_in_dim(g, i * m, m),
+                                 preferred_element_type=jnp.float32)
+        acc = jnp.zeros(dw.shape[1:], jnp.float32)
+        return dw.at[e].set(lax.fori_loop(end[e] - group_sizes[e] // m, end[e], tile, acc))
+
+    return lax.fori_loop(0, group_sizes.shape[0], expert,
+                         jnp.zeros((group_sizes.shape[0], a.shape[1], g.shape[1]), jnp.float32))
+
+
+def loop(x, weights, indices, w_up, w_down, *, kept=None, cap=None, precision=None, rounding_key=None):
     t, k = indices.shape
     e = w_up.shape[0]
     key = _expert_keys(indices, kept, e)
     placed = t * k if cap is None else min(t * k, e * cap)
     m = loop_tile_rows(placed, e)
-    tiles = (jnp.bincount(key, length=e) + m - 1) // m
-    end = jnp.cumsum(tiles).astype(jnp.int32)
-    first = end - tiles.astype(jnp.int32)
-    num_rows = (placed // m + e) * m  # sum_e ceil(count_e / m) <= placed / m + E tiles
-    row = jnp.where(key < e, first[jnp.minimum(key, e - 1)] * m + arrival_rank(key, e + 1), num_rows)
+    if precision is not None:  # tiles of whole quantisation blocks (both are powers of two)
+        m = max(m, precision.row_alignment)
+    row, tiles, num_rows = _tiled_rows(key, e, placed, m)
     buf = gather_rows(x, row, k, num_rows)
-    return combine(_expert_loop_ffn(buf, first, end, w_up, w_down, m), row, weights)
+    if precision is not None:
+        gemm = GroupedGemm(dot=functools.partial(_loop_dot, m=m), wgrad=functools.partial(_loop_wgrad, m=m))
+        return combine(_quantized_experts(buf, tiles * m, w_up, w_down, precision, rounding_key, gemm), row, weights)
+    end = jnp.cumsum(tiles)
+    return combine(_expert_loop_ffn(buf, end - tiles, end, w_up, w_down, m), row, weights)
+
+
+# ---------------------------------------------------------------------------------- quantised
+def _quantized_experts(buf, group_sizes, w_up, w_down, precision, rounding_key, gemm: GroupedGemm):
+    """relu2(buf[r] @ w_up[e]) @ w_down[e] in fp32 for the rows r of each expert e (consecutive groups of
+    group_sizes[e] rows, whole quantisation blocks each), both GEMMs and their gradients quantised per
+    `precision` with per-expert scales (`grouped_quantized_matmul`), run by `gemm` on the dispatch's layout."""
+    k_up, k_down = jax.random.split(rounding_key) if rounding_key is not None else (None, None)
+    pre = grouped_quantized_matmul(buf, w_up, group_sizes, precision, k_up, gemm=gemm)
+    h = relu2(pre).astype(buf.dtype)
+    return grouped_quantized_matmul(h, w_down, group_sizes, precision, k_down, gemm=gemm)
