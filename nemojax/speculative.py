@@ -10,17 +10,20 @@ MTP module `model.mtp[min(j, mtp_depth) - 1]` (one module per depth while there 
 last one re-applied: Megatron's `mtp_use_repeated_layer`) on the pairs (embedding of token t, depth
 j-1's hidden state at token t-1), depth 0 being the main model's final hidden state; at token t it
 predicts token t+1. Every virtual depth has its own cache, holding its entries for the committed
-tokens; the k drafts after committed token n-1 are depth 1's prediction at n-1 and depth j's at the
-(j-1)-th draft, computed on a copy of depth j's cache that is then dropped. So with mtp_depth >= k
-the drafts are exactly the argmax (greedy) of `model.mtp_logits` on the committed tokens followed by
-the drafts.
+tokens. Once a step has committed its tokens, depth j runs once over them followed by drafts 1..j-1,
+and its output at the last of these is draft j; so with mtp_depth >= k the drafts are exactly the
+argmax (greedy) of `model.mtp_logits` on the committed tokens followed by the drafts. That forward also
+wrote entries for the drafts, which attention masks (they lie past the committed position) and the next
+step overwrites; a depth with a layer of another kind is run over the committed tokens alone a second time.
 
-Rollback: attention caches could be rolled back by position alone (slots past `pos` are masked and
-later overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read, so
-on a partial acceptance the main model goes back to its cache from before verification and runs the
-accepted tokens again (a second forward, only when a draft was rejected); exact for every layer kind.
-The number of accepted tokens selects, through `lax.switch`, a branch whose forwards have static
-lengths; the same branch enters the committed tokens into the MTP depths' caches.
+Rollback: attention caches are rolled back by position alone (slots past `pos` are masked and later
+overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read. On a
+partial acceptance each such layer goes back to its cache from before verification and reads the
+accepted tokens again: its inputs at those tokens were recorded in the verification forward (causal, so
+they are what a forward over the accepted tokens alone would give it), so only those layers run again;
+exact for every layer kind. The number of accepted tokens selects, through `lax.switch`, a branch whose
+forwards have static lengths; the same branch enters the committed tokens into the MTP depths' caches
+and drafts the next tokens.
 
 Batches: the cache has one position for all rows, so a step keeps the smallest number of accepted
 drafts over the rows, and every row emits its own token at that position (its accepted draft or its
@@ -43,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nemojax.nn.attention import Attention
 from nemojax.sampling import sample_logits, truncated_logits
 
 
@@ -66,6 +70,12 @@ def _accept(logits, drafts, q, key, temperature, top_k, top_p):
     return accepted, jnp.where(jnp.pad(accepted, ((0, 0), (0, 1))), jnp.pad(drafts, ((0, 0), (0, 1))), resampled)
 
 
+def _rolls_back_by_position(block, cache) -> bool:
+    """Whether a cache written past the committed tokens needs no undoing: none (a mixer without state), or
+    attention's K/V, whose slots past the committed position are masked and overwritten by the next forward."""
+    return cache is None or isinstance(block.mixer, Attention)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_draft", "temperature", "top_k", "top_p",
                                    "kv_cache_dtype"))
 def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_draft, temperature, top_k, top_p,
@@ -83,78 +93,76 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
     max_len = total + k  # a verification near the end writes up to k positions past the last kept token
     depths = [model.mtp[min(j, len(model.mtp)) - 1] for j in range(1, k + 1)]
     ssm_dtype = jnp.dtype(model.cfg.ssm_cache_dtype)
+    act_dtype = model.embeddings[...].dtype
 
-    def draft(mtp_caches, carries, n, key):
-        """Drafts [B, k] for tokens n..n+k-1 and their distributions [B, k, V] (None when greedy);
-        carries[j-1]: depth j's hidden state at committed token n-1."""
+    def rolled_back(cache, verified, inputs, m):
+        """The main model's cache after the first m of the k + 1 verified tokens: `verified` (after all of
+        them) where it rolls back by position, the other layers (Mamba) re-run on their m recorded inputs
+        from `cache` (before verification)."""
+        if m == k + 1:
+            return verified
+        pos = cache["pos"]
+        layers = tuple(new if _rolls_back_by_position(block, old) else block(x[:, :m], old, pos, act_dtype)[1]
+                       for block, old, new, x in zip(model.layers, cache["layers"], verified["layers"], inputs))
+        return dict(verified, pos=pos + m, layers=layers)
+
+    def enter_and_draft(mtp_caches, carries, committed, h, n, key, prompt=False):
+        """Enter committed tokens n .. n+m-1 (`committed` [B, m]) into every depth's cache and draft the next
+        k tokens; h [B, m, D]: the main model's hidden states at tokens n-1 .. n+m-2; carries[j-1]: depth
+        j's hidden state at token n-1. Depth j runs once over its committed tokens followed by drafts
+        1..j-1, and its last output drafts token j: a depth whose cache rolls back by position keeps the
+        cache of that forward, another one is re-run over the committed tokens alone. `prompt`: no depth
+        has entries yet, and depth j's first token is token j (n = 1: the first j - 1 tokens are skipped).
+        Returns (caches, carries at token n+m-1, drafts [B, k], their distributions [B, k, V] or None)."""
         keys = jax.random.split(key, k)
-        logits = [model.logits(depths[0].final_layernorm(carries[0]))]
-        drafts = [sample_logits(logits[0], keys[0], *sampling)]
-        below = carries[0][:, None]  # depth j-1's hidden states at tokens n-1 .. n+j-3
-        for j in range(2, k + 1):
-            # depth j at tokens n .. n+j-2 (positions n-j .. n-2) embeds drafts 1..j-1
-            out, normed, _ = depths[j - 1](model.embed(jnp.stack(drafts, axis=1)), below, mtp_caches[j - 1], n - j)
+        below, new_caches, new_carries, drafts, logits = h, [], [], [], []
+        for j, depth in enumerate(depths, start=1):
+            mine = committed[:, j - 1:] if prompt else committed
+            m, pos = mine.shape[1], n - j + (j - 1 if prompt else 0)
+            x = model.embed(jnp.concatenate([mine] + [d[:, None] for d in drafts], axis=1))
+            out, normed, cache = depth(x, below, mtp_caches[j - 1], pos)
+            if not all(_rolls_back_by_position(blk, c) for blk, c in zip(depth.blocks, mtp_caches[j - 1])):
+                cache = depth(x[:, :m], below[:, :m], mtp_caches[j - 1], pos)[2]
             logits.append(model.logits(normed[:, -1]))
             drafts.append(sample_logits(logits[-1], keys[j - 1], *sampling))
-            below = jnp.concatenate([carries[j - 1][:, None], out], axis=1)
+            new_caches.append(cache)
+            new_carries.append(out[:, m - 1] if m else carries[j - 1])  # m = 0: depth k, whose carry no depth reads
+            below = out if prompt else jnp.concatenate([carries[j - 1][:, None], out], axis=1)
         q = None if temperature == 0.0 else jax.nn.softmax(
             truncated_logits(jnp.stack(logits, axis=1), temperature, top_k, top_p), axis=-1)
-        return jnp.stack(drafts, axis=1), q
+        return tuple(new_caches), tuple(new_carries), jnp.stack(drafts, axis=1), q
 
-    def advance(mtp_caches, carries, new_tokens, h, n):
-        """Enter committed tokens n .. n+m-1 (`new_tokens` [B, m]) into every depth's cache; h [B, m, D]:
-        the main model's hidden states at tokens n-1 .. n+m-2."""
-        m = new_tokens.shape[1]
-        emb = model.embed(new_tokens)
-        new_caches, new_carries = [], []
-        for j, depth in enumerate(depths, start=1):
-            out, _, c = depth(emb, h, mtp_caches[j - 1], n - j)
-            h = jnp.concatenate([carries[j - 1][:, None], out[:, :m - 1]], axis=1)
-            new_caches.append(c)
-            new_carries.append(out[:, -1])
-        return tuple(new_caches), tuple(new_carries)
-
-    k_first, key = jax.random.split(key)
+    k_first, k_draft, key = jax.random.split(key, 3)
     cache = model.init_cache(b, max_len, kv_cache_dtype=kv_cache_dtype)
     h, cache = model.hidden_states(tokens, cache)
     first = sample_logits(model.logits(model.norm_f(h[:, -1])), k_first, *sampling)
     seq = jnp.concatenate([tokens, first[:, None]], axis=1)
-
-    # Prefill depth j with tokens j .. L (positions 0 .. L-j); none when L = j - 1.
-    mtp_caches, carries, below = [], [], h
-    for j, depth in enumerate(depths, start=1):
-        c = depth.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype)
-        if l - j + 1 > 0:
-            out, _, c = depth(model.embed(seq[:, j:]), below[:, :l - j + 1], c, 0)
-            below, carry = out, out[:, -1]
-        else:
-            carry = jnp.zeros((b, h.shape[-1]), h.dtype)  # depth k with no entries: no deeper depth reads it
-        mtp_caches.append(c)
-        carries.append(carry)
-    mtp_caches, carries = tuple(mtp_caches), tuple(carries)
+    # Depth j enters tokens j .. L (positions 0 .. L-j; none when L = j - 1).
+    mtp_caches = tuple(depth.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype) for depth in depths)
+    carries = (jnp.zeros((b, h.shape[-1]), h.dtype),) * k
+    mtp_caches, carries, drafts, q = enter_and_draft(mtp_caches, carries, seq[:, 1:], h, 1, k_draft, prompt=True)
 
     out = jnp.zeros((b, total + k + 1), jnp.int32).at[:, :l + 1].set(seq)
     log = jnp.zeros((max_new_tokens,), jnp.int32)
 
     def step(carry):
-        out, n, cache, mtp_caches, carries, key, log, steps = carry
-        key, k_draft, k_verify = jax.random.split(key, 3)
-        drafts, q = draft(mtp_caches, carries, n, k_draft)
+        out, n, cache, mtp_caches, carries, drafts, q, key, log, steps = carry
+        key, k_verify, k_draft = jax.random.split(key, 3)
         inp = jnp.concatenate([jax.lax.dynamic_slice_in_dim(out, n - 1, 1, axis=1), drafts], axis=1)
-        h, full = model.hidden_states(inp, cache)
+        h, verified, inputs = model._run(inp, cache, collect=True)  # inputs[i]: what layer i read
         accepted, emitted = _accept(model.logits(model.norm_f(h)), drafts, q, k_verify, *sampling)
         a = jnp.min(jnp.sum(jnp.cumprod(accepted, axis=1), axis=1))
         out = jax.lax.dynamic_update_slice_in_dim(out, emitted, n, axis=1)
 
         def keep(a):
             def branch():
-                main = full if a == k else model.hidden_states(inp[:, :a + 1], cache)[1]
-                return (main,) + advance(mtp_caches, carries, emitted[:, :a + 1], h[:, :a + 1], n)
+                main = rolled_back(cache, verified, inputs, a + 1)
+                return (main,) + enter_and_draft(mtp_caches, carries, emitted[:, :a + 1], h[:, :a + 1], n, k_draft)
             return branch
 
-        cache, mtp_caches, carries = jax.lax.switch(a, [keep(i) for i in range(k + 1)])
-        return out, n + a + 1, cache, mtp_caches, carries, key, log.at[steps].set(a), steps + 1
+        cache, mtp_caches, carries, drafts, q = jax.lax.switch(a, [keep(i) for i in range(k + 1)])
+        return out, n + a + 1, cache, mtp_caches, carries, drafts, q, key, log.at[steps].set(a), steps + 1
 
-    init = (out, jnp.int32(l + 1), cache, mtp_caches, carries, key, log, jnp.int32(0))
+    init = (out, jnp.int32(l + 1), cache, mtp_caches, carries, drafts, q, key, log, jnp.int32(0))
     out, _, cache, mtp_caches, *_, log, steps = jax.lax.while_loop(lambda c: c[1] < total, step, init)
     return out, log, steps, cache, mtp_caches

@@ -117,6 +117,18 @@ def test_greedy_equals_plain_greedy_and_the_uncached_oracle(k, batch, seed):
     assert kept[:-1].sum() + len(kept) - 1 < N_NEW - 1 <= kept.sum() + len(kept)  # the loop stops in time
 
 
+def test_an_mtp_depth_with_a_mamba_layer_is_rerun_over_the_committed_tokens():
+    """A depth whose cache does not roll back by position (a Mamba layer's state has read the drafts): its
+    drafts and acceptances still follow the uncached oracle, and the output plain greedy's."""
+    model = drafting_model(config(mtp_pattern="M-"), mix=0.25)
+    prompts = jax.random.randint(jax.random.key(4), (2, PROMPT_LEN), 0, 32)
+    out, stats = nj.generate(model, prompts, N_NEW, draft="mtp", num_draft=3, return_stats=True)
+    np.testing.assert_array_equal(out, nj.generate(model, prompts, N_NEW))
+    want_tokens, want_kept = speculative_greedy_oracle(model, np.asarray(prompts), N_NEW, 3)
+    np.testing.assert_array_equal(out, want_tokens)
+    assert stats["accepted_per_step"].tolist() == want_kept and 0 < np.sum(want_kept) < 3 * len(want_kept)
+
+
 def test_a_prompt_shorter_than_the_drafts_is_first_extended_by_plain_decoding():
     prompts = jax.random.randint(jax.random.key(7), (1, 1), 0, 32)
     out, stats = nj.generate(MODEL, prompts, 9, draft="mtp", num_draft=3, return_stats=True)
