@@ -32,7 +32,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
-    q = chunk_size
+    q = min(chunk_size, l)  # a sequence shorter than a chunk (a few tokens to verify) is one chunk, unpadded
     pad = (-l) % q
     nc = (l + pad) // q
 
