@@ -892,6 +892,115 @@ KV_CACHE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "fp8": "FP8 E4M3
                   "fp8_uncalibrated": "FP8 E4M3, scale 1"}
 
 
+TRAINING = "experiments/precision/results/training.json"
+TRAINING_MAIN = ("bf16", "fp8", "nvfp4", "nvfp4-then-bf16", "bf16-seed1")
+TRAINING_ABLATIONS = {"nvfp4": "nothing (the recipe)", "nvfp4-no-2d": "16x16 weight tiles (1x16 blocks instead)",
+                      "nvfp4-no-rht": "random Hadamard transform", "nvfp4-no-sr": "stochastic rounding (nearest)",
+                      "nvfp4-no-bf16-layers": "BF16 first and last layers"}
+
+
+def quantised_matmuls(runs, run: str) -> str:
+    """Which layers' matmuls a training run quantised, in what format (the switched run: nvfp4's, then none)."""
+    r = runs[run]
+    if r["config_changes"]:
+        return f"{quantised_matmuls(runs, 'nvfp4')} to step {r['config_changes'][0]['step']}, then none"
+    layers = r["quantised_layers"]
+    return f"{r['precision'].upper()} in layers {layers[0]}-{layers[-1]}" if layers else "none"
+
+
+def signed_pct(x: float, base: float) -> str:
+    return f"{100 * (x - base) / base:+.2f}%"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+@table(TRAINING)
+def training_table(d):
+    runs = d["runs"]
+    base = runs["bf16"]["held_out_loss"]
+    rows = [["run", "quantised matmuls", "training loss, last 20% of steps", "held-out loss", "vs bf16",
+             "held-out loss, weights unquantised", "wall time"]]
+    for run in TRAINING_MAIN:
+        r = runs[run]
+        unq = r.get("held_out_loss_unquantised")
+        rows.append([run, quantised_matmuls(runs, run), f"{r['final_train_loss']:.4f}", f"{r['held_out_loss']:.4f}",
+                     signed_pct(r["held_out_loss"], base), "-" if unq is None else f"{unq:.4f}",
+                     minutes(r["wall_seconds"])])
+    return rows
+
+
+@table(TRAINING + "#ablations")
+def training_ablations_table(d):
+    runs = d["runs"]
+    base, recipe = runs["bf16"]["held_out_loss"], runs["nvfp4"]["held_out_loss"]
+    rows = [["run", "switched off", "quantised layers", "training loss, last 20% of steps", "held-out loss",
+             "vs bf16", "vs nvfp4", "wall time"]]
+    for run, off in TRAINING_ABLATIONS.items():
+        r = runs[run]
+        layers = r["quantised_layers"]
+        rows.append([run, off, f"{layers[0]}-{layers[-1]}", f"{r['final_train_loss']:.4f}", f"{r['held_out_loss']:.4f}",
+                     signed_pct(r["held_out_loss"], base), signed_pct(r["held_out_loss"], recipe),
+                     minutes(r["wall_seconds"])])
+    return rows
+
+
+@table(TRAINING + "#curves")
+def training_curves_table(d):
+    runs = d["runs"]
+    steps = [s for s, _ in runs["bf16"]["curve"]["held_out"] if s > 0][1::2]
+    rows = [["held-out loss at step"] + [str(s) for s in steps]]
+    for run in runs:
+        at = dict(map(tuple, runs[run]["curve"]["held_out"]))
+        rows.append([run] + [f"{at[s]:.4f}" for s in steps])
+    return rows
+
+
+@prose(PRECISION, TRAINING)
+def training_prose(d):
+    m, runs = d["meta"], d["runs"]
+    held = {run: r["held_out_loss"] for run, r in runs.items()}
+    quantised = [run for run in runs if run not in ("bf16", "bf16-seed1")]
+    pct = {run: signed_pct(held[run], held["bf16"]) for run in runs}
+    vs_recipe = {run: signed_pct(held[run], held["nvfp4"]) for run in TRAINING_ABLATIONS}
+    unquantised = {run: runs[run]["held_out_loss_unquantised"] for run in quantised if run != "nvfp4-then-bf16"}
+    # the qualitative claims the text makes
+    assert all(abs(held[run] - held["bf16"]) < 0.01 * held["bf16"] for run in quantised)
+    assert 0 < held["fp8"] - held["bf16"] < held["nvfp4"] - held["bf16"]
+    assert held["nvfp4-no-sr"] < held["bf16"]
+    assert all(held[run] < 0.995 * held["nvfp4"] for run in ("nvfp4-no-sr", "nvfp4-no-2d"))  # "well below"
+    assert abs(held["nvfp4-no-rht"] - held["nvfp4"]) < 0.001 * held["nvfp4"]  # "about the same"
+    worst = "nvfp4-no-bf16-layers"
+    assert all(held[worst] >= held[run] for run in runs)
+    assert all(runs[worst]["final_train_loss"] >= r["final_train_loss"] for r in runs.values())
+    assert abs(held["nvfp4-then-bf16"] - held["nvfp4"]) < 0.001
+    lo, hi = (signed_pct(f(held[run] for run in quantised), held["bf16"]) for f in (min, max))
+    p = m["parameters"]
+    tokens = m["recipe"]["steps"] * m["tokens_per_step"]
+    return [f"`{m['pattern']}`", f"lr {m['recipe']['lr']}", f"checkpoint at step {m['switch_step']}",
+            f"first {m['held_out_tokens']} bytes of held-out files",
+            f"{p['total'] / 1e6:.1f}M parameters ({p['active'] / 1e6:.1f}M active)",
+            f"{m['recipe']['steps']} steps of {m['tokens_per_step']} bytes ({tokens} bytes",
+            f"took {sum(r['wall_seconds'] for r in runs.values()) / 60:.1f} minutes in all",
+            f"(jax {m['jax']}, {m['device']}, {m['date']})", f"from {lo} to {hi}",
+            f"seeds end {pct['bf16-seed1'].lstrip('+-')} apart ({abs(held['bf16-seed1'] - held['bf16']):.3f} nats)",
+            f"FP8 ends {pct['fp8']} and NVFP4 {pct['nvfp4']} above bf16",
+            f"{runs['fp8']['final_train_loss']:.4f} and {runs['nvfp4']['final_train_loss']:.4f} against bf16's "
+            f"{runs['bf16']['final_train_loss']:.4f}",
+            f"lower than the recipe ({vs_recipe['nvfp4-no-sr']}) and lower than bf16 ({pct['nvfp4-no-sr']})",
+            f"also ended lower than the recipe ({vs_recipe['nvfp4-no-2d']})",
+            f"about the same as the recipe ({vs_recipe['nvfp4-no-rht']})",
+            f"higher than the recipe ({vs_recipe[worst]})",
+            f"(steps {m['switch_step'] + 1}-{m['recipe']['steps']})",
+            f"({held['nvfp4-then-bf16']:.4f} against {held['nvfp4']:.4f})",
+            f"none of nvfp4's {held['nvfp4'] - held['bf16']:.3f}-nat gap",
+            f"the first {m['switch_step']} are the `nvfp4` run's",
+            f"at most {max(abs(unquantised[run] - held[run]) for run in unquantised):.4f} nats",
+            f"(nvfp4: {unquantised['nvfp4']:.4f} against {held['nvfp4']:.4f} as trained)",
+            m["commands"]["nvfp4"]]
+
+
 def mib(n: int) -> str:
     return f"{n / 2 ** 20:.2f} MiB"
 

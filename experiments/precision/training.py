@@ -184,19 +184,20 @@ def plot(d: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     groups = (("bf16", "fp8", "nvfp4", "nvfp4-then-bf16", "bf16-seed1"),
               ("nvfp4", "nvfp4-no-2d", "nvfp4-no-rht", "nvfp4-no-sr", "nvfp4-no-bf16-layers"))
+    color = {run: plt.cm.tab10(i) for i, run in enumerate(runs)}  # one colour per run in both panels
     base = dict(map(tuple, runs["bf16"]["curve"]["held_out"]))
     ax = axes[0]
     for run in groups[0]:
         steps, losses = zip(*runs[run]["curve"]["train"])
         kernel = np.ones(5) / 5  # five logged steps: the per-batch noise would hide the curves
-        ax.plot(steps[2:-2], np.convolve(losses, kernel, mode="valid"), lw=1.2, label=run)
+        ax.plot(steps[2:-2], np.convolve(losses, kernel, mode="valid"), lw=1.2, color=color[run], label=run)
     ax.set(xlabel="step", ylabel="training loss (nats / byte, 5-point mean)", ylim=(None, 3.5),
            title="Training loss")
     ax.axvline(d["meta"]["switch_step"], color="grey", ls=":", lw=1)
     ax = axes[1]
     for run in dict.fromkeys(groups[0] + groups[1]):
         pts = [(s, loss - base[s]) for s, loss in runs[run]["curve"]["held_out"] if s > 0]
-        ax.plot(*zip(*pts), "o-", ms=3, lw=1, label=run)
+        ax.plot(*zip(*pts), "o-", ms=3, lw=1, color=color[run], label=run)
     ax.axhline(0, color="black", lw=0.8)
     ax.set(xlabel="step", ylabel="held-out loss - bf16's (nats / byte)", title="Held-out loss against bf16")
     for ax in axes:
