@@ -1095,6 +1095,127 @@ def kv_cache_prose(d):
             f"under {max(100 * x['fp8']['below_min_normal'] for x in q):.2f}% with the calibrated scales"]
 
 
+SPECULATIVE = "experiments/precision/results/speculative.json"
+PIECES = {"forward": "main model forward", "forward_collect": "main model forward keeping each layer's input "
+          "(verification)", "stateful_rerun": "Mamba layers re-run (rejection)",
+          "mtp_depth": "one MTP depth and its LM head (drafting)"}
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f}"
+
+
+def per_token(d, run: str, batch: str = "1") -> float:
+    """Decode seconds per generated token of a timed run (median over repeats, prefill subtracted)."""
+    b = d["throughput"]["batches"][batch]
+    return median(b["runs"][run]["decode_seconds"]) / (b["prompts"] * (d["throughput"]["new_tokens"] - 1))
+
+
+@table(SPECULATIVE + "#acceptance")
+def speculative_acceptance_table(d):
+    a = d["acceptance"]
+    rows = [["draft length k", "acceptance rate", "tokens per step", "draft i kept when 1..i-1 were, i = 1..k",
+             f"acceptance rate, batch {a['batch']}", f"acceptance rate, sampling at T = {a['temperature']:g}",
+             "greedy outputs as plain"]]
+    for k in map(str, a["draft_lengths"]):
+        g, gb, s = (a[x][k] for x in ("greedy", "greedy_batch", "sampled"))
+        rows.append([k, f"{g['acceptance_rate']:.3f}", f"{g['tokens_per_step']:.2f}",
+                     " / ".join(f"{x:.2f}" for x in g["position_acceptance"]), f"{gb['acceptance_rate']:.3f}",
+                     f"{s['acceptance_rate']:.3f}", f"{g['identical'] + gb['identical']} of {g['outputs'] + gb['outputs']}"])
+    return rows
+
+
+@table(SPECULATIVE + "#throughput")
+def speculative_throughput_table(d):
+    rows = [["batch", "decoding", "decode tokens/s, median (range)", "decode speedup, median (range)",
+             "with the prefill", "verification steps", "outputs as plain"]]
+    for batch, b in d["throughput"]["batches"].items():
+        for name, r in b["runs"].items():
+            tps, plain = r["decode_tokens_per_s"], name == "plain"
+            rows.append([batch, "plain greedy" if plain else f"MTP, {name}",
+                         f"{median(tps):.0f} ({min(tps):.0f}-{max(tps):.0f})",
+                         "1" if plain else f"{median(r['speedup']):.2f}x ({span(r['speedup'])})",
+                         "1" if plain else f"{median(r['end_to_end_speedup']):.2f}x",
+                         "-" if plain else str(r["steps"]), "-" if plain else f"{r['identical']} of {r['outputs']}"])
+    return rows
+
+
+@table(SPECULATIVE + "#pieces")
+def speculative_pieces_table(d):
+    pieces = d["profile"]["pieces"]
+    n = max(len(p) for p in pieces.values())
+    rows = [["piece, microseconds at batch 1"] + [f"{m} token" + "s" * (m > 1) for m in range(1, n + 1)]]
+    for key, name in PIECES.items():
+        rows.append([name] + [us(pieces[key][str(m)]) if str(m) in pieces[key] else "-" for m in range(1, n + 1)])
+    return rows
+
+
+@table(SPECULATIVE + "#steps")
+def speculative_steps_table(d):
+    rows = [["k", "step, measured", "verification", "rollback", "drafting", "rest", "tokens per step",
+             "per token", "per token, plain"]]
+    for k, s in d["profile"]["steps"].items():
+        rows.append([k, us(s["measured_step"]), us(s["verify"]), us(s["rollback"]), us(s["drafting"]), us(s["rest"]),
+                     f"{d['acceptance']['greedy'][k]['tokens_per_step']:.2f}", us(per_token(d, f"k={k}")),
+                     us(per_token(d, "plain"))])
+    return rows
+
+
+@prose(PRECISION, SPECULATIVE)
+def speculative_prose(d):
+    t, a, prof = d["train"], d["acceptance"], d["profile"]
+    greedy, steps, pieces = a["greedy"], prof["steps"], prof["pieces"]
+    b1 = d["throughput"]["batches"]["1"]["runs"]
+    ks = [str(k) for k in a["draft_lengths"]]
+    plain = per_token(d, "plain")
+    speedups = [median(r["speedup"]) for b in d["throughput"]["batches"].values()
+                for name, r in b["runs"].items() if name != "plain"]
+    # the qualitative claims the text makes
+    assert max(speedups) < 1  # slower than plain decoding at every draft length and batch
+    assert all(g["identical"] == g["outputs"] for x in ("greedy", "greedy_batch") for g in a[x].values())
+    assert all(r["identical"] == r["outputs"] for b in d["throughput"]["batches"].values()
+               for name, r in b["runs"].items() if name != "plain")
+    assert all(s["verify"] + s["rollback"] + s["drafting"] > greedy[k]["tokens_per_step"] * plain
+               for k, s in steps.items())  # the pieces alone cost more than plain decoding of the same tokens
+    assert all(0.4 < s["rest"] / s["measured_step"] < 0.6 for s in steps.values())  # "about half of every step"
+    assert all(steps[k]["rollback"] < steps[k]["whole_model_rerun"] for k in ks)
+    pos = [greedy["2"]["position_acceptance"][i] for i in (0, 1)]
+    later = [x for k in ks for x in greedy[k]["position_acceptance"][2:]]
+    assert all(0.4 < x < 0.6 for x in later)  # "about half the time"
+    assert max(ks, key=lambda k: greedy[k]["tokens_per_step"]) == ks[-1]
+    ratio = [steps[k]["verify"] / pieces["forward"]["1"] for k in ks]
+    params = t["parameters"]
+    load = d["environment"]["throughput"]["load_average"]
+    return [f"{params['total'] / 1e6:.2f}M parameters) with two MTP depths",
+            f"{params['mtp'] / 1e6:.2f}M parameters), trained for {t['recipe']['steps']} steps of "
+            f"{t['recipe']['batch_size']} x {t['recipe']['seq_len']} bytes",
+            f"{t['tokens'] / 1e6:.2f}M tokens) with MTP weight {t['recipe']['mtp_lambda']:g}",
+            f"{t['seconds'] / 60:.0f} minutes on the shared 2-core machine",
+            f"Held-out loss {t['eval_loss']:.3f} nats per byte, next-byte accuracy {100 * t['eval_accuracy']:.1f}%",
+            f"{a['prompts']} held-out prompts (the first {a['prompt_len']} bytes of held-out windows) continued by "
+            f"{a['new_tokens']} tokens",
+            f"then {a['batch']} at a time, then sampled at temperature {a['temperature']:g}",
+            f"{100 * pos[0]:.0f}% of the first drafts are kept, and given that, {100 * pos[1]:.0f}% of the second",
+            "so the tokens per verification grow little beyond k = 2: "
+            + ", ".join(f"{greedy[k]['tokens_per_step']:.2f}" for k in ks[1:-1]) + f" and "
+            f"{greedy[ks[-1]]['tokens_per_step']:.2f} for k = " + ", ".join(ks[1:-1]) + f" and {ks[-1]}",
+            f"at batch {a['batch']} the acceptance rate falls to {a['greedy_batch'][ks[0]]['acceptance_rate']:.3f} for "
+            f"k = {ks[0]} and {a['greedy_batch'][ks[-1]]['acceptance_rate']:.3f} for k = {ks[-1]}",
+            f"within each of {d['throughput']['repeats']} repeats",
+            f"from {median(b1['k=' + ks[0]]['speedup']):.2f}x at k = {ks[0]} to "
+            f"{median(b1['k=' + ks[-1]]['speedup']):.2f}x at k = {ks[-1]} (medians at batch 1)",
+            f"(load average {span(load, lambda x: f'{x:.1f}')} during the timing",
+            f"with {prof['position']} tokens in the cache",
+            f"costs {span(ratio, lambda x: f'{x:.1f}')}x a one-token forward",
+            f"({us(pieces['mtp_depth']['1'])} against {us(pieces['forward']['1'])} microseconds)",
+            f"a step commits {greedy[ks[0]]['tokens_per_step']:.2f}-{greedy[ks[-1]]['tokens_per_step']:.2f} tokens, "
+            f"while it costs {span([steps[k]['measured_step'] / plain for k in ks], lambda x: f'{x:.1f}')} plain "
+            f"decoding steps",
+            f"(expected {us(steps['2']['rollback'])} against {us(steps['2']['whole_model_rerun'])} microseconds per "
+            f"step at k = 2, {us(steps[ks[-1]]['rollback'])} against {us(steps[ks[-1]]['whole_model_rerun'])} at "
+            f"k = {ks[-1]})"]
+
+
 # ------------------------------------------- the checks (below the renderers: parametrize reads the registries)
 def test_every_table_with_numbers_names_its_source():
     unbacked = [f"{t.document}:{t.line} (section {t.section!r}): {' | '.join(t.rows[0])}"
