@@ -9,7 +9,8 @@ Stages (each skipped on a re-run once done; --redo STAGE runs it again):
               rate, drafts kept per step and, per draft position, the rate at which it is accepted; then
               the same with sampling at a temperature
   throughput  decode tokens/s of speculative against plain greedy decoding, both compiled and warmed up,
-              timed in turns in this process (repeats interleaved: plain, k=1, ..., plain, k=1, ...)
+              timed in turns in this process (repeats interleaved: plain, k=1, ..., plain, k=1, ...), each
+              also with one new token (the prefill), whose time is subtracted
   profile     where a speculative step's time goes: each piece of the step (a one-token forward, a
               (k+1)-token verification forward, an MTP depth over m tokens, the LM head) timed alone in a
               compiled loop on the trained model's caches, and the step cost they add up to
