@@ -1,5 +1,7 @@
 """Synthetic sequence tasks of SSM research. Each scores only the positions whose answer the task
-determines from the inputs so far (targets elsewhere are IGNORE).
+determines from the inputs so far (targets elsewhere are IGNORE). A batch is drawn from one random
+stream, example after example, so a process that wants some rows draws the batch and keeps them
+(generation only, microseconds per example; nothing is read).
 
 - MQAR, multi-query associative recall (Arora et al. 2023, Zoology): key-value pairs, then the keys again
   at power-law-spaced positions; at a queried key the model must emit its value.
@@ -9,6 +11,8 @@ determines from the inputs so far (targets elsewhere are IGNORE).
 """
 
 from __future__ import annotations
+
+import abc
 
 import numpy as np
 
@@ -26,7 +30,18 @@ def _split(seqs: np.ndarray, scored: np.ndarray) -> dict:
     return {"inputs": seqs[:, :-1].astype(np.int32), "targets": targets.astype(np.int32)}
 
 
-class MQAR(Dataset):
+class SyntheticTask(Dataset):
+    """A task whose batch is drawn whole (`draw(step)`, every example); `batch(step, rows)` keeps the rows."""
+
+    @abc.abstractmethod
+    def draw(self, step: int) -> dict:
+        """The whole batch of `step`."""
+
+    def examples(self, step, rows):
+        return {k: v[rows] for k, v in self.draw(step).items()}
+
+
+class MQAR(SyntheticTask):
     """Zoology's layout (its `random_non_queries=False` variant, so no filler token can be mistaken for
     a key): distinct keys from [1, V/2), distinct values from [V/2, V), token 0 fills the gaps. Length
     L + 1: k_1 v_1 ... k_N v_N, then the N keys in random order at pair slots drawn with probability
@@ -46,7 +61,7 @@ class MQAR(Dataset):
         _check(power_a > 0, f"power_a must be > 0; got {power_a}")
         self.n, self.vocab_size, self.power_a = n, vocab_size, power_a
 
-    def batch(self, step):
+    def draw(self, step):
         rng, B, n, V, L = self.rng(step), self.batch_size, self.n, self.vocab_size, self.seq_len
         half = V // 2
         keys = np.stack([rng.choice(np.arange(1, half), n, replace=False) for _ in range(B)])
@@ -65,7 +80,7 @@ class MQAR(Dataset):
         return {"inputs": inputs, "targets": targets}
 
 
-class InductionHeads(Dataset):
+class InductionHeads(SyntheticTask):
     """Random tokens from [0, V - 1) and the trigger V - 1 at a random position p < L - 2 and at input
     position L - 1; the single scored target is the token that followed the first trigger."""
 
@@ -75,7 +90,7 @@ class InductionHeads(Dataset):
         _check(self.seq_len >= 4, f"seq_len must be >= 4 for induction; got {self.seq_len}")
         self.vocab_size = vocab_size
 
-    def batch(self, step):
+    def draw(self, step):
         rng, B, L, V = self.rng(step), self.batch_size, self.seq_len, self.vocab_size
         seqs = rng.integers(0, V - 1, (B, L + 1))
         first = rng.integers(0, L - 2, B)
@@ -87,7 +102,7 @@ class InductionHeads(Dataset):
         return _split(seqs, scored)
 
 
-class SelectiveCopy(Dataset):
+class SelectiveCopy(SyntheticTask):
     """Layout (length L + 1): L - N positions of blanks (0) holding N data tokens from [2, V) at sorted
     random positions, the separator 1, then the N data tokens in order (the scored targets)."""
 
@@ -99,7 +114,7 @@ class SelectiveCopy(Dataset):
         _check(vocab_size >= 3, f"vocab_size must be >= 3 (blank, separator, data); got {vocab_size}")
         self.n, self.vocab_size = n, vocab_size
 
-    def batch(self, step):
+    def draw(self, step):
         rng, B, L, n, V = self.rng(step), self.batch_size, self.seq_len, self.n, self.vocab_size
         region = L - n
         data = rng.integers(2, V, (B, n))

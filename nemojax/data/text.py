@@ -189,8 +189,8 @@ class PackedText(Dataset):
             out[epochs == e] = perm[idx[epochs == e] % self.n_windows]
         return out
 
-    def batch(self, step):
-        w = np.stack([self.window(i) for i in self.window_ids(step)])
+    def examples(self, step, rows):
+        w = np.stack([self.window(i) for i in self.window_ids(step)[rows]])
         return {"inputs": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32)}
 
 
