@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+import traceback
 import typing
 
 from nemojax import presets
@@ -78,24 +80,76 @@ def _add_dataclass_args(parser, cls) -> None:
             parser.add_argument(flag, type=base, default=default, metavar=base.__name__.upper(), help=help_)
 
 
+RUNTIME_FLAGS = ("coordinator_address", "num_processes", "process_id", "heartbeat_timeout")
+
+
+def _add_distributed_args(parser) -> None:
+    from nemojax.train.distributed import DEFAULT_HEARTBEAT_TIMEOUT
+
+    g = parser.add_argument_group("several processes (jax.distributed; not saved with the run)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the other processes of one run: the mesh spans all their devices, each process "
+                        "loads its own rows of every batch, process 0 writes the run's files; the coordinator, "
+                        "process count and id come from the flags below or from a SLURM job's, Open MPI's or a "
+                        "cloud TPU pod's environment (default: one process)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                   help="process 0's host and a free port, the same for every process (default: "
+                        "$JAX_COORDINATOR_ADDRESS or the cluster's)")
+    g.add_argument("--num-processes", type=_positive_int, default=None,
+                   help="how many processes the run has (default: the cluster's)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's id, 0 to num-processes - 1; 0 writes the files (default: the cluster's)")
+    g.add_argument("--heartbeat-timeout", type=_positive_int, default=None, metavar="SECONDS",
+                   help="a process silent this long counts as dead, and every other process exits with an error "
+                        f"(default: {DEFAULT_HEARTBEAT_TIMEOUT})")
+
+
+def _join_processes(args) -> None:
+    """jax.distributed.initialize when --distributed; the runtime flags are refused without it."""
+    given = [f"--{name.replace('_', '-')}" for name in RUNTIME_FLAGS if getattr(args, name) is not None]
+    if not args.distributed:
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --distributed")
+        return
+    from nemojax.train.distributed import DEFAULT_HEARTBEAT_TIMEOUT, initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id,
+               heartbeat_timeout=args.heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT)
+
+
 def cmd_train(args) -> int:
     from nemojax.train import TrainConfig, train
+    from nemojax.train.distributed import is_main
     from nemojax.train.loop import TrainingDiverged
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["data_options"] = _parse_options(values["data_options"])
     tc = TrainConfig(**values)
+    _join_processes(args)
     try:
         s = train(tc)
     except TrainingDiverged as err:
         print(f"nemojax train: error: {err}", file=sys.stderr)
         return 1
-    print(f"\nrun directory  {tc.out_dir}  (checkpoints/, metrics.jsonl, loss.png, summary.json)")
+    except Exception as err:
+        if not args.distributed or isinstance(err, (ValueError, FileNotFoundError)):
+            raise  # refused settings are refused by every process alike; main() reports them
+        # One process failed, the others wait in a collective. Exiting through JAX's shutdown barrier would
+        # keep this one waiting for them for minutes; exiting now lets their heartbeats notice it.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    reports = is_main()  # process 0 reports for the run
+    if reports:
+        print(f"\nrun directory  {tc.out_dir}  (checkpoints/, metrics.jsonl, loss.png, summary.json)")
     if s.get("interrupted"):
-        print(f"interrupted by {s['interrupted']} at step {s['step']}: checkpoint saved; run the same command "
-              "again to resume")
+        if reports:
+            print(f"interrupted by {s['interrupted']} at step {s['step']}: checkpoint saved; run the same command "
+                  "again to resume")
         return 130
+    if not reports:
+        return 0
     if "final_eval" not in s:
         print(f"stopped at step {s['step']} of {tc.steps}")
         return 0
@@ -363,6 +417,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("train", help="train a preset on a dataset (resumes from --out-dir's latest checkpoint)")
     _add_dataclass_args(p, TrainConfig)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="held-out loss, perplexity and accuracy of a training run's checkpoint")

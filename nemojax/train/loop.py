@@ -4,8 +4,14 @@ that resume bit for bit, JSONL metrics, a tqdm bar, a loss plot, and a save on S
 Exact resume: the whole state that the next step depends on is checkpointed (params, optimizer state
 with its step count, router correction biases), and the data are a pure function of (seed, step), so
 the data position is the step itself (and so is the randomness of quantised training:
-`quant.training.rounding_key`). Each checkpoint's arrays carry checksums; a damaged newest
-checkpoint is set aside (moved, never deleted) and the run resumes from the newest intact one.
+`quant.training.rounding_key`). Each checkpoint's arrays carry fingerprints; a damaged newest
+checkpoint is set aside (moved, never deleted) and the run resumes from the newest intact one. A
+checkpoint restores onto whatever mesh the resumed run has (orbax reshards it), so a run may continue
+on another mesh shape, device count or number of processes.
+
+Several processes (`nemojax.train.distributed`): every process runs this loop over the global mesh,
+loads only its own rows of each batch, and stops after the same step on SIGINT/SIGTERM; process 0
+alone writes metrics, plots, the summary and the configs, and draws the sample.
 """
 
 from __future__ import annotations
@@ -22,22 +28,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from nemojax import presets
 from nemojax.config import ModelConfig
 from nemojax import data as data_mod
-from nemojax.io.checkpoint import Checkpointer
-from nemojax.nn.ffn import configure_moe
+from nemojax.io.checkpoint import Checkpointer, CheckpointMismatch, compile_fingerprints
+from nemojax.nn.ffn import configure_moe, inference_copy
 from nemojax.nn.model import HybridLM
 from nemojax.quant.training import configure_precision
 from nemojax.train import losses, memory
 from nemojax.train.config import TrainConfig
+from nemojax.train.distributed import is_main
 from nemojax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from nemojax.train.optimizer import make_optimizer
 from nemojax.train.sample import sample_task, sample_text
-from nemojax.train.sharding import (batch_sharding, fsdp_replicated, make_train_mesh, param_specs, shard_train_state,
-                                    to_shardings)
+from nemojax.train.sharding import (batch_sharding, fsdp_replicated, load_batch, make_train_mesh, param_specs,
+                                    shard_train_state, to_shardings)
 from nemojax.train.step import evaluate, make_eval_step, make_train_step
 
 
@@ -101,18 +109,48 @@ def merged(graphdef, state) -> HybridLM:
     return nnx.merge(graphdef, state["params"], state["rest"])
 
 
+def local_copy(graphdef, state) -> HybridLM:
+    """The model of a train state, whole on this process's default device and set up for inference
+    (`inference_copy`); every process must call it, as it gathers the shards of the others."""
+    params, rest = multihost_utils.process_allgather((state["params"], state["rest"]), tiled=True)
+    return inference_copy(nnx.merge(graphdef, *jax.tree.map(jnp.asarray, (params, rest))))
+
+
 # -------------------------------------------------------------------------------------------- loop
+_largest = jax.jit(jnp.max)
+
+
 @contextmanager
-def _stop_requests():
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (save, then exit)."""
-    flag = {"signal": None}
+def _stop_requests(mesh):
+    """Turns SIGINT/SIGTERM into a stop the loop polls after each step (save, then exit): yields
+    `poll() -> signal number or None`. With several processes a signal may reach one of them only, or
+    each at another step, so poll returns the largest signal any process had received when the
+    previous poll was made: all processes stop after the same step, one step after the signal. That
+    costs one all-reduce of a number per step, queued behind the step and read when the next step is
+    queued, as the loss check is, so the host never waits for it."""
+    flag = {"signal": 0}
 
     def handler(signum, _frame):
         flag["signal"] = signum
 
+    if jax.process_count() == 1:
+        def poll():
+            return flag["signal"] or None
+    else:
+        sharding, n = batch_sharding(mesh), mesh.size  # one number per device, each its process's flag
+        queued = []
+
+        def poll():
+            local = jax.make_array_from_callback(
+                (n,), sharding, lambda index: np.full(len(range(n)[index[0]]), flag["signal"], np.int32))
+            queued.append(_largest(local))
+            if len(queued) < 2:
+                return None
+            return int(queued.pop(0)) or None
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield flag
+        yield poll
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -136,7 +174,18 @@ def _check_finite(step: int, metrics, tc: TrainConfig, last_saved: int | None) -
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
+    if is_main():
+        tqdm.write(msg, file=sys.stderr)
+
+
+def _differences(old, new, path: str) -> list[str]:
+    """"path: old -> new" for each leaf where two JSON-like values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{path}.{k}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def _resume_checks(tc: TrainConfig, out: Path, model_config: ModelConfig, latest: int) -> dict:
@@ -146,8 +195,9 @@ def _resume_checks(tc: TrainConfig, out: Path, model_config: ModelConfig, latest
                          "resume (--resume) or choose another --out-dir")
     saved = TrainConfig.load(out / "train_config.json")
     fixed, changes = tc.changes_from(saved)
-    if ModelConfig.load(out / "model_config.json") != model_config:
-        fixed.append("model_config")
+    saved_model = ModelConfig.load(out / "model_config.json")
+    if saved_model != model_config:
+        fixed += _differences(saved_model.to_dict(), model_config.to_dict(), "model_config")
     if fixed:
         raise ValueError(f"cannot resume {out}: {fixed} differ from the saved run; use another --out-dir")
     if changes and not tc.allow_changes:
@@ -199,26 +249,34 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
 
     model = build_model(tc, ds.vocab_size, model_config, mesh, weights=initial_model)  # a checkpoint overrides it
     graphdef, tx, state = init_state(tc, model)
-    if mesh is None:
-        grad_shardings, to_device = None, lambda b: jax.tree.map(jnp.asarray, b)
-    else:
+    grad_shardings = None
+    if mesh is not None:
         state = shard_train_state(state, tx, mesh)
         grad_shardings = to_shardings(param_specs(state["params"], mesh), mesh)
-        to_device = lambda b: jax.device_put(b, batch_sharding(mesh))  # noqa: E731
         replicated = fsdp_replicated(state["params"], mesh)
         if replicated:
             _say(f"fsdp={mesh.shape['fsdp']} divides no dimension of {len(replicated)} matrices, so every device "
                  f"keeps them whole: {', '.join(replicated)}")
-    prepare = to_device if batch_fn is None else lambda b: batch_fn(to_device(b))  # noqa: E731
+
+    def read(dataset, step):
+        return load_batch(dataset, step, mesh)
+
+    def load(dataset, step):
+        return read(dataset, step) if batch_fn is None else batch_fn(read(dataset, step))
+
     train_step = make_train_step(graphdef, tx, tc, grad_shardings, loss_fn)
     eval_step = make_eval_step(graphdef, tc, loss_fn)
 
     def run_eval(state):
-        return evaluate(eval_step, state, ds_eval, tc.eval_batches, prepare)
+        return evaluate(eval_step, state, ds_eval, tc.eval_batches, load)
 
     summary, segment = {}, {"start_step": 0}
     if latest is not None:
-        state, record, skipped = ckpt.restore_intact(state, tc.resume_step)
+        try:
+            state, record, skipped = ckpt.restore_intact(state, tc.resume_step)
+        except CheckpointMismatch as err:
+            changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+            raise CheckpointMismatch(f"{err}; settings changed since it was saved: {changed or 'none'}") from None
         summary = record.get("summary", {})
         restored = int(state["step"])
         why = dict(skipped)
@@ -231,22 +289,25 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
         if changes:
             summary.setdefault("config_changes", []).append({"step": restored, "changed": changes})
             _say(f"resuming at step {restored} with changed settings: {changes}")
-    out.mkdir(parents=True, exist_ok=True)
-    tc.save(out / "train_config.json")
-    model_config.save(out / "model_config.json")
+    main = is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        tc.save(out / "train_config.json")
+        model_config.save(out / "model_config.json")
 
     if latest is None:
         summary["initial_eval"] = run_eval(state)
-        summary["eval_tokens"] = eval_tokens(ds_eval, tc.eval_batches)
+        summary["eval_tokens"] = eval_tokens(ds_eval, tc.eval_batches, read)
     start = int(state["step"])
-    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None)
-    if start == 0:
+    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None) if main else None
+    if start == 0 and main:
         log.write({"step": 0, **eval_record(summary["initial_eval"])})
     if start < tc.steps:  # a re-run of a finished run adds no segment and compiles nothing
         summary.setdefault("segments", []).append(segment)
         # compiled before the progress bar starts, so that its rate and ETA count steps only
-        train_step.lower(state, prepare(ds.batch(start))).compile()
-        eval_step.lower(state, prepare(ds_eval.batch(0))).compile()
+        train_step.lower(state, load(ds, start)).compile()
+        eval_step.lower(state, load(ds_eval, 0)).compile()
+        compile_fingerprints(state)
     tokens_per_step = tc.batch_size * tc.seq_len
     last_saved = start if latest is not None else None
 
@@ -258,12 +319,12 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
 
     interrupted = None
     try:
-        with _stop_requests() as stop, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
-                                            disable=quiet, unit="step") as bar:
+        with _stop_requests(mesh) as stop, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
+                                                disable=quiet or not main, unit="step") as bar:
             t0 = t_last = time.perf_counter()
             pending = None  # the previous step's (step, metrics), checked once the next step is queued
             for step in range(start, tc.steps):
-                state, metrics = train_step(state, prepare(ds.batch(step)))
+                state, metrics = train_step(state, load(ds, step))
                 if pending is not None:
                     _check_finite(*pending, tc, last_saved)
                 done = step + 1
@@ -276,11 +337,13 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
                     t_last = now
                     if done % tc.eval_every == 0 or done == tc.steps:
                         record.update(eval_record(run_eval(state)))
-                    log.write(record)
+                    if main:
+                        log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.update(1)
-                if stop["signal"] is not None:
-                    interrupted = signal.Signals(stop["signal"]).name
+                signum = stop()
+                if signum is not None:
+                    interrupted = signal.Signals(signum).name
                 # every way out of the loop passes a save, so the segment's time is the saved one
                 if done % tc.save_every == 0 or done == tc.steps or interrupted:
                     _check_finite(*pending, tc, last_saved)  # a diverged state is never saved
@@ -290,7 +353,8 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
                     break
     except TrainingDiverged as err:
         summary["diverged"] = str(err)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        if main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         raise
     finally:
         ckpt.close()  # waits for the last save
@@ -300,15 +364,17 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
                    seconds_total=sum(s["seconds"] for s in summary.get("segments", [])))
     if step == tc.steps and interrupted is None:
         summary["final_eval"] = run_eval(state)
-        model = merged(graphdef, state)
-        if ds.tokenizer is None:
-            summary["sample"] = sample_task(model, ds_eval)
-        elif tc.sample_tokens > 0:
-            summary["sample"] = sample_text(model, ds, tc.sample_prompt, tc.sample_tokens, tc.seed)
-    records = read_metrics(out / "metrics.jsonl")
-    if records:
-        plot_metrics(records, out / "loss.png", title=f"{tc.preset} on {tc.data}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        if ds.tokenizer is None or tc.sample_tokens > 0:
+            model = local_copy(graphdef, state)  # every process takes part in the gathering
+            if main and ds.tokenizer is None:
+                summary["sample"] = sample_task(model, ds_eval)
+            elif main:
+                summary["sample"] = sample_text(model, ds, tc.sample_prompt, tc.sample_tokens, tc.seed)
+    if main:
+        records = read_metrics(out / "metrics.jsonl")
+        if records:
+            plot_metrics(records, out / "loss.png", title=f"{tc.preset} on {tc.data}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
 
 
@@ -319,9 +385,11 @@ def eval_record(ev: dict) -> dict:
     return {"eval_loss": ev["ce"], "eval_accuracy": ev["accuracy"], **rest}
 
 
-def eval_tokens(ds, n_batches: int) -> int:
-    """How many target tokens the first `n_batches` batches of `ds` score (what `evaluate` averages over)."""
-    return int(sum(np.sum(ds.batch(i)["targets"] != losses.IGNORE) for i in range(n_batches)))
+def eval_tokens(ds, n_batches: int, load=None) -> int:
+    """How many target tokens the first `n_batches` batches of `ds` score (what `evaluate` averages over),
+    batch i read by `load(ds, i)` (default: `ds.batch(i)`)."""
+    load = (lambda d, i: d.batch(i)) if load is None else load
+    return int(sum(jnp.sum(load(ds, i)["targets"] != losses.IGNORE) for i in range(n_batches)))
 
 
 def load_run(run_dir, step: int | None = None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from nemojax.nn.model import HybridLM
 from nemojax.train import losses
@@ -34,10 +35,14 @@ def continue_text(model: HybridLM, ds, prompt: str, n_tokens: int, seed: int = 0
     return ds.tokenizer.decode(np.asarray(out[0, ids.shape[1]:])), stats
 
 
+# compiled: run op by op, a small model's forward compiles each of its hundreds of operations
+_predict = nnx.jit(lambda model, inputs: jnp.argmax(model(inputs), -1))
+
+
 def sample_task(model: HybridLM, ds) -> str:
     """For synthetic tasks: the first held-out sequence's scored targets beside the model's predictions."""
-    b = ds.batch(0)
-    pred = np.asarray(jnp.argmax(model(jnp.asarray(b["inputs"][:1])), -1))[0]
+    b = ds.batch(0, rows=[0])
+    pred = np.asarray(_predict(model, jnp.asarray(b["inputs"])))[0]
     t = b["targets"][0]
     pos = np.nonzero(t != losses.IGNORE)[0]
     return (f"targets     {t[pos].tolist()}\npredictions {pred[pos].tolist()}\n"

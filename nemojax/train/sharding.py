@@ -26,6 +26,7 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -44,7 +45,10 @@ _NDIM = {"expert": 3, "fsdp": 2}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp", "expert") mesh over `devices` (default: all). One size may be -1: the rest."""
+    """A ("data", "fsdp", "expert") mesh over `devices` (default: all, of every process). One size may be
+    -1: the rest. Devices fill the mesh in `jax.devices()` order, which lists one process's devices after
+    another's, so on several processes "data" (the outer axis) spans them and "expert" stays within one
+    where it fits: its all-to-all then never crosses hosts."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "expert": expert}
     for name, n in sizes.items():
@@ -70,6 +74,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim over the mesh's `BATCH_AXES`, the rest replicated; fits arrays of any rank
     and serves as a tree prefix for a whole batch dict."""
     return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+
+
+def process_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+    """The rows of a global batch [batch_size, ...] placed by `sharding` that this process's devices hold,
+    sorted (every row in a single process)."""
+    held = sharding.addressable_devices_indices_map((batch_size,)).values()
+    return np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in held]))
+
+
+def load_batch(ds, step: int, mesh: Mesh | None) -> dict:
+    """Batch `step` of the dataset `ds` as global arrays split over `mesh`'s batch axes (`batch_sharding`),
+    this process reading only the rows that its own devices hold (`ds.batch(step, rows)`); with no mesh,
+    the whole batch on the default device."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, ds.batch(step))
+    sharding = batch_sharding(mesh)
+    rows = process_rows(sharding, ds.batch_size)
+
+    def place(x):
+        return jax.make_array_from_callback(
+            (ds.batch_size, *x.shape[1:]), sharding,
+            lambda index: x[np.searchsorted(rows, np.arange(ds.batch_size)[index[0]])])
+    return jax.tree.map(place, ds.batch(step, rows))
 
 
 # ------------------------------------------------------------------------------------------ rules

@@ -126,10 +126,10 @@ def make_eval_step(graphdef, tc: TrainConfig, loss_fn=None):
     return eval_step
 
 
-def evaluate(eval_step, state, ds, n_batches: int, prepare=None) -> dict:
+def evaluate(eval_step, state, ds, n_batches: int, load=None) -> dict:
     """Mean of every total the eval step reports (CE, accuracy, the loss and its terms; not the per-layer
     entries, whose names hold a "/") over the first `n_batches` batches of `ds` (the same batches every
-    time), each batch passed through `prepare` first when given."""
-    prepare = (lambda b: b) if prepare is None else prepare
-    out = [eval_step(state, prepare(ds.batch(i))) for i in range(n_batches)]
+    time), batch i read by `load(ds, i)` (default: `ds.batch(i)`)."""
+    load = (lambda d, i: d.batch(i)) if load is None else load
+    out = [eval_step(state, load(ds, i)) for i in range(n_batches)]
     return {k: float(np.mean([float(o[k]) for o in out])) for k in out[0] if "/" not in k}
