@@ -1,7 +1,10 @@
 """Multi-device checks on 8 virtual CPU devices, run by test_sharding.py in a subprocess (the device
 count must be fixed before jax starts, and the pytest process has already started it with one).
 
-Prints one JSON line: {check name: {measured numbers}}; test_sharding.py asserts on them.
+    python _sharded_check.py RUNS_DIR TRAIN_CONFIG_JSON
+
+Prints one JSON line: {check name: {measured numbers}}; test_sharding.py asserts on them. The training
+runs (`trainer_runs`) are left in RUNS_DIR for test_sharding.py to compare with its own runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import tempfile  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
 from functools import partial  # noqa: E402
 
 import jax  # noqa: E402
@@ -128,24 +132,22 @@ def ep_in_model_check(problem, mesh_shape) -> dict:
             "grad_err": rel_err(grads, grads_ref)}
 
 
-def trainer_check(tmp: str) -> dict:
-    """`nemojax.train` on tiny-moe, 4 steps, with --mesh data=2,fsdp=2,expert=2 (expert parallel MoE,
-    FSDP) against --mesh data=8 (data parallel only): the per-step losses and router loads agree."""
-    from nemojax.train import TrainConfig, train
-    from nemojax.train.metrics import read_metrics
+EP_MESH = "data=2,fsdp=2,expert=2"
 
-    runs = {}
+
+def trainer_runs(runs_dir: str, settings: dict) -> dict:
+    """`nemojax.train` runs of `settings` (tiny-moe, a few steps, checkpoints every 2): "data8" on --mesh
+    data=8 (data parallel only), "ep" on --mesh data=2,fsdp=2,expert=2 (expert parallel MoE, FSDP), and
+    "data8_to_ep": the data8 run resumed from its step-2 checkpoint on the ep mesh. Returns how many
+    traces went through the expert-parallel dispatch."""
+    from nemojax.train import TrainConfig, train
+
     with counting_ep_calls() as calls:
-        for mesh in ("data=8", "data=2,fsdp=2,expert=2"):
-            tc = TrainConfig(preset="tiny-moe", data="mqar", seq_len=32, batch_size=8, steps=4, warmup_steps=1,
-                             log_every=1, eval_every=4, save_every=4, eval_batches=1, mesh=mesh, out_dir=f"{tmp}/{mesh}")
-            train(tc, quiet=True)
-            runs[mesh] = [r for r in read_metrics(f"{tmp}/{mesh}/metrics.jsonl") if "loss" in r]
-    dp, ep = runs.values()
-    load_keys = [k for k in dp[-1] if "load" in k]
-    return {"steps": len(ep), "ep_traces": len(calls), "losses": [r["loss"] for r in ep], "loss_err": max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(dp, ep)),
-            "load_keys": len(load_keys),
-            "load_err": max(float(np.max(np.abs(np.subtract(dp[-1][k], ep[-1][k])))) for k in load_keys)}
+        for name, mesh in (("data8", "data=8"), ("ep", EP_MESH)):
+            train(TrainConfig(**settings, mesh=mesh, out_dir=f"{runs_dir}/{name}"), quiet=True)
+        shutil.copytree(f"{runs_dir}/data8", f"{runs_dir}/data8_to_ep")
+        train(TrainConfig(**settings, mesh=EP_MESH, resume_step=2, out_dir=f"{runs_dir}/data8_to_ep"), quiet=True)
+    return {"ep_traces": len(calls)}
 
 
 # ---------------------------------------------------------------------------- expert parallel
@@ -226,7 +228,7 @@ STEP_RUNS = [("tiny-moe", (2, 2, 2)), ("tiny-hybrid", (8, 1, 1)), ("tiny-latent-
 EP_MESHES = [(1, 1, 8), (2, 1, 4)]
 
 
-def main() -> dict:
+def main(runs_dir: str, settings: dict) -> dict:
     results = {"devices": jax.device_count(), "mesh_minus_one": dict(sh.make_mesh(data=-1, expert=2).shape)}
     for mesh_shape in EP_MESHES:
         results[f"ep_{mesh_name(mesh_shape)}"] = ep_check(mesh_shape)
@@ -237,10 +239,9 @@ def main() -> dict:
             problems[preset] = make_problem(preset)
         results[f"step_{preset}_{mesh_name(mesh_shape)}"] = step_check(problems[preset], mesh_shape)
     results["ep_in_model_tiny-moe_2x2x2"] = ep_in_model_check(problems["tiny-moe"], (2, 2, 2))
-    with tempfile.TemporaryDirectory() as tmp:
-        results["trainer_tiny-moe_ep"] = trainer_check(tmp)
+    results["trainer_runs"] = trainer_runs(runs_dir, settings)
     return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(main()))
+    print(json.dumps(main(sys.argv[1], json.loads(sys.argv[2]))))
