@@ -79,6 +79,8 @@ def test_bash_block_commands_exist(script, monkeypatch):
     assert cmds
     for cmd in cmds:
         program, args = cmd[0], cmd[1:]
+        if program == "srun":  # SLURM's launcher: each task runs the command that follows
+            program, args = args[0], args[1:]
         if program == "nemojax":
             check_nemojax(args, monkeypatch)
         elif program == "pip":
