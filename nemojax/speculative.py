@@ -12,9 +12,11 @@ j-1's hidden state at token t-1), depth 0 being the main model's final hidden st
 predicts token t+1. Every virtual depth has its own cache, holding its entries for the committed
 tokens. Once a step has committed its tokens, depth j runs once over them followed by drafts 1..j-1,
 and its output at the last of these is draft j; so with mtp_depth >= k the drafts are exactly the
-argmax (greedy) of `model.mtp_logits` on the committed tokens followed by the drafts. That forward also
-wrote entries for the drafts, which attention masks (they lie past the committed position) and the next
-step overwrites; a depth with a layer of another kind is run over the committed tokens alone a second time.
+argmax (greedy) of `model.mtp_logits` on the committed tokens followed by the drafts. The forward has a
+static length whatever was accepted: all k + 1 verified tokens with the drafts written after the accepted
+ones (the tokens past them are causally invisible to the outputs read). It also wrote entries past the
+committed tokens, which attention masks (they lie past the committed position) and the next step
+overwrites; a depth with a layer of another kind is run over the committed tokens alone a second time.
 
 Rollback: attention caches are rolled back by position alone (slots past `pos` are masked and later
 overwritten), but a Mamba layer's conv and SSM states have advanced past every token it read. On a
@@ -22,8 +24,9 @@ partial acceptance each such layer goes back to its cache from before verificati
 accepted tokens again: its inputs at those tokens were recorded in the verification forward (causal, so
 they are what a forward over the accepted tokens alone would give it), so only those layers run again;
 exact for every layer kind. The number of accepted tokens selects, through `lax.switch`, a branch whose
-forwards have static lengths; the same branch enters the committed tokens into the MTP depths' caches
-and drafts the next tokens.
+re-runs have static lengths. Only the re-run caches pass through the conditional: XLA copies the
+conditional's outputs and the operands its branches update in place, so with every cache in it (the
+attention K/V of the main model and of every depth) each step copied each cache one to three times.
 
 Batches: the cache has one position for all rows, so a step keeps the smallest number of accepted
 drafts over the rows, and every row emits its own token at that position (its accepted draft or its
@@ -95,42 +98,56 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
     ssm_dtype = jnp.dtype(model.cfg.ssm_cache_dtype)
     act_dtype = model.embeddings[...].dtype
 
-    def rolled_back(cache, verified, inputs, m):
-        """The main model's cache after the first m of the k + 1 verified tokens: `verified` (after all of
-        them) where it rolls back by position, the other layers (Mamba) re-run on their m recorded inputs
-        from `cache` (before verification)."""
-        if m == k + 1:
-            return verified
-        pos = cache["pos"]
-        layers = tuple(new if _rolls_back_by_position(block, old) else block(x[:, :m], old, pos, act_dtype)[1]
-                       for block, old, new, x in zip(model.layers, cache["layers"], verified["layers"], inputs))
-        return dict(verified, pos=pos + m, layers=layers)
+    def stateful(blocks, caches):
+        """Indices of the caches that do not roll back by position (Mamba)."""
+        return tuple(i for i, (blk, c) in enumerate(zip(blocks, caches)) if not _rolls_back_by_position(blk, c))
 
-    def enter_and_draft(mtp_caches, carries, committed, h, n, key, prompt=False):
-        """Enter committed tokens n .. n+m-1 (`committed` [B, m]) into every depth's cache and draft the next
-        k tokens; h [B, m, D]: the main model's hidden states at tokens n-1 .. n+m-2; carries[j-1]: depth
-        j's hidden state at token n-1. Depth j runs once over its committed tokens followed by drafts
-        1..j-1, and its last output drafts token j: a depth whose cache rolls back by position keeps the
-        cache of that forward, another one is re-run over the committed tokens alone. `prompt`: no depth
-        has entries yet, and depth j's first token is token j (n = 1: the first j - 1 tokens are skipped).
-        Returns (caches, carries at token n+m-1, drafts [B, k], their distributions [B, k, V] or None)."""
+    def forward_depths(mtp_caches, carries, committed, h, n, m, key, prompt=False):
+        """Enter committed tokens n .. n+m-1 (the first m of `committed` [B, M]) into every depth's cache and
+        draft the next k tokens; h [B, M, D]: the main model's hidden states at tokens n-1 .. n+M-2;
+        carries[j-1]: depth j's hidden state at token n-1. Depth j runs once over `committed` with drafts
+        1..j-1 written after its first m tokens (what lies past them is causally invisible to these, and
+        its cache entries lie past the committed position), so every shape is static while m may be traced;
+        its output at the last draft drafts token j. `prompt`: no depth has entries yet, every token of
+        `committed` is committed (m = M), and depth j's first token is token j (n = 1: the first j - 1 tokens
+        are skipped). Returns (caches after the forward, what each depth read [(x, below)], carries at token
+        n+m-1, drafts [B, k], their distributions [B, k, V] or None); a depth whose cache does not roll back
+        by position must be re-run over its first m inputs (`rerun`)."""
         keys = jax.random.split(key, k)
-        below, new_caches, new_carries, drafts, logits = h, [], [], [], []
+        below, new_caches, reads, new_carries, drafts, logits = h, [], [], [], [], []
         for j, depth in enumerate(depths, start=1):
             mine = committed[:, j - 1:] if prompt else committed
-            m, pos = mine.shape[1], n - j + (j - 1 if prompt else 0)
-            x = model.embed(jnp.concatenate([mine] + [d[:, None] for d in drafts], axis=1))
+            mj, pos = (mine.shape[1], n - 1) if prompt else (m, n - j)
+            tokens = jnp.pad(mine, ((0, 0), (0, j - 1)))
+            if drafts:
+                tokens = jax.lax.dynamic_update_slice_in_dim(tokens, jnp.stack(drafts, axis=1), mj, axis=1)
+            x = model.embed(tokens)
             out, normed, cache = depth(x, below, mtp_caches[j - 1], pos)
-            if not all(_rolls_back_by_position(blk, c) for blk, c in zip(depth.blocks, mtp_caches[j - 1])):
-                cache = depth(x[:, :m], below[:, :m], mtp_caches[j - 1], pos)[2]
-            logits.append(model.logits(normed[:, -1]))
+            last = jax.lax.dynamic_index_in_dim(normed, mj + j - 2, axis=1, keepdims=False)
+            logits.append(model.logits(last))
             drafts.append(sample_logits(logits[-1], keys[j - 1], *sampling))
             new_caches.append(cache)
-            new_carries.append(out[:, m - 1] if m else carries[j - 1])  # m = 0: depth k, whose carry no depth reads
+            reads.append((x, below))
+            new_carries.append(carries[j - 1] if prompt and mj == 0  # depth k at the prompt: a carry no depth reads
+                               else jax.lax.dynamic_index_in_dim(out, mj - 1, axis=1, keepdims=False))
             below = out if prompt else jnp.concatenate([carries[j - 1][:, None], out], axis=1)
         q = None if temperature == 0.0 else jax.nn.softmax(
             truncated_logits(jnp.stack(logits, axis=1), temperature, top_k, top_p), axis=-1)
-        return tuple(new_caches), tuple(new_carries), jnp.stack(drafts, axis=1), q
+        return tuple(new_caches), reads, tuple(new_carries), jnp.stack(drafts, axis=1), q
+
+    def rerun(old_caches, reads, n, m, prompt=False):
+        """The caches of the depths that do not roll back by position, re-run from `old_caches` over their
+        first m inputs (static m): {depth index: cache}."""
+        out = {}
+        for j, depth in enumerate(depths, start=1):
+            if stateful(depth.blocks, old_caches[j - 1]):
+                x, below = reads[j - 1]
+                mj, pos = (x.shape[1] - (j - 1), n - 1) if prompt else (m, n - j)  # as in forward_depths
+                out[j - 1] = depth(x[:, :mj], below[:, :mj], old_caches[j - 1], pos)[2]
+        return out
+
+    def with_reruns(caches, reruns):
+        return tuple(reruns.get(i, c) for i, c in enumerate(caches))
 
     k_first, k_draft, key = jax.random.split(key, 3)
     cache = model.init_cache(b, max_len, kv_cache_dtype=kv_cache_dtype)
@@ -140,7 +157,9 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
     # Depth j enters tokens j .. L (positions 0 .. L-j; none when L = j - 1).
     mtp_caches = tuple(depth.init_cache(b, max_len, dtype=model.dtype, ssm_dtype=ssm_dtype) for depth in depths)
     carries = (jnp.zeros((b, h.shape[-1]), h.dtype),) * k
-    mtp_caches, carries, drafts, q = enter_and_draft(mtp_caches, carries, seq[:, 1:], h, 1, k_draft, prompt=True)
+    new_caches, reads, carries, drafts, q = forward_depths(mtp_caches, carries, seq[:, 1:], h, 1, l, k_draft, prompt=True)
+    mtp_caches = with_reruns(new_caches, rerun(mtp_caches, reads, 1, l, prompt=True))
+    main_stateful = stateful(model.layers, cache["layers"])
 
     out = jnp.zeros((b, total + k + 1), jnp.int32).at[:, :l + 1].set(seq)
     log = jnp.zeros((max_new_tokens,), jnp.int32)
@@ -153,15 +172,25 @@ def speculative_generate(graphdef, state, tokens, key, *, max_new_tokens, num_dr
         accepted, emitted = _accept(model.logits(model.norm_f(h)), drafts, q, k_verify, *sampling)
         a = jnp.min(jnp.sum(jnp.cumprod(accepted, axis=1), axis=1))
         out = jax.lax.dynamic_update_slice_in_dim(out, emitted, n, axis=1)
+        new_caches, reads, carries, drafts, q = forward_depths(mtp_caches, carries, emitted, h, n, a + 1, k_draft)
 
-        def keep(a):
+        # Only what does not roll back by position goes through the switch (the number of accepted tokens
+        # fixes the re-runs' static lengths): attention caches, the largest, stay out of the conditional,
+        # whose outputs XLA copies.
+        def keep(m):
             def branch():
-                main = rolled_back(cache, verified, inputs, a + 1)
-                return (main,) + enter_and_draft(mtp_caches, carries, emitted[:, :a + 1], h[:, :a + 1], n, k_draft)
+                main = tuple(verified["layers"][i] if m == k + 1 else
+                             model.layers[i](inputs[i][:, :m], cache["layers"][i], cache["pos"], act_dtype)[1]
+                             for i in main_stateful)
+                return main, rerun(mtp_caches, reads, n, m)
             return branch
 
-        cache, mtp_caches, carries, drafts, q = jax.lax.switch(a, [keep(i) for i in range(k + 1)])
-        return out, n + a + 1, cache, mtp_caches, carries, drafts, q, key, log.at[steps].set(a), steps + 1
+        main, reruns = jax.lax.switch(a, [keep(m) for m in range(1, k + 2)])
+        layers = dict(zip(main_stateful, main))
+        cache = dict(verified, pos=cache["pos"] + a + 1,
+                     layers=tuple(layers.get(i, c) for i, c in enumerate(verified["layers"])))
+        return (out, n + a + 1, cache, with_reruns(new_caches, reruns), carries, drafts, q, key, log.at[steps].set(a),
+                steps + 1)
 
     init = (out, jnp.int32(l + 1), cache, mtp_caches, carries, drafts, q, key, log, jnp.int32(0))
     out, _, cache, mtp_caches, *_, log, steps = jax.lax.while_loop(lambda c: c[1] < total, step, init)

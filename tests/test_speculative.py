@@ -243,3 +243,28 @@ def test_a_model_without_mtp_layers_is_refused():
     model = nj.HybridLM(config(mtp_pattern="", mtp_depth=0), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="mtp_depth"):
         nj.generate(model, jnp.zeros((1, 3), jnp.int32), 4, draft="mtp")
+
+
+def _cond_outputs(jaxpr):
+    """Shapes of every `cond` output in a jaxpr and the jaxprs nested in it (while bodies, jit calls)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            yield from (v.aval.shape for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    yield from _cond_outputs(getattr(sub, "jaxpr", sub))
+
+
+def test_attention_caches_stay_out_of_the_rollback_conditional():
+    """XLA copies a conditional's outputs every step: only the caches that cannot roll back by position
+    (Mamba's) may pass through the switch on the number of accepted drafts, never an attention K/V."""
+    k, b, n_new = 2, 1, 6
+    prompts = jnp.zeros((b, PROMPT_LEN), jnp.int32)
+    graphdef, state = nnx.split(MODEL)
+    jaxpr = jax.make_jaxpr(lambda s, x: speculative_generate(graphdef, s, x, jax.random.key(0), max_new_tokens=n_new,
+                                                             num_draft=k, temperature=0.0, top_k=None, top_p=None))
+    shapes = list(_cond_outputs(jaxpr(state, prompts).jaxpr))
+    mamba, attention = MODEL.cfg.layers[0], MODEL.cfg.layers[1]
+    assert (b, attention.num_kv_heads, PROMPT_LEN + n_new + k, attention.head_dim) not in shapes
+    assert (b, mamba.num_heads, mamba.head_dim, mamba.state_size) in shapes  # the Mamba SSM state does pass
