@@ -117,43 +117,45 @@ def local_copy(graphdef, state) -> HybridLM:
 
 
 # -------------------------------------------------------------------------------------------- loop
-_largest = jax.jit(jnp.max)
-
-
 @contextmanager
-def _stop_requests(mesh):
-    """Turns SIGINT/SIGTERM into a stop the loop polls after each step (save, then exit): yields
-    `poll() -> signal number or None`. With several processes a signal may reach one of them only, or
-    each at another step, so poll returns the largest signal any process had received when the
-    previous poll was made: all processes stop after the same step, one step after the signal. That
-    costs one all-reduce of a number per step, queued behind the step and read when the next step is
-    queued, as the loss check is, so the host never waits for it."""
-    flag = {"signal": 0}
+def _stop_requests():
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (save, then exit)."""
+    flag = {"signal": None}
 
     def handler(signum, _frame):
         flag["signal"] = signum
 
-    if jax.process_count() == 1:
-        def poll():
-            return flag["signal"] or None
-    else:
-        sharding, n = batch_sharding(mesh), mesh.size  # one number per device, each its process's flag
-        queued = []
-
-        def poll():
-            local = jax.make_array_from_callback(
-                (n,), sharding, lambda index: np.full(len(range(n)[index[0]]), flag["signal"], np.int32))
-            queued.append(_largest(local))
-            if len(queued) < 2:
-                return None
-            return int(queued.pop(0)) or None
-
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield poll
+        yield flag
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+_largest = jax.jit(jnp.max)
+
+
+def _agreed_stop(flag: dict, mesh):
+    """`poll() -> signal number or None`, called once per step: the signal of a `_stop_requests` flag
+    that every process acts on at the same step. With several processes a signal may reach one of them
+    only, or each at another step, so poll returns the largest signal any process had received at the
+    previous poll: all stop after the same step, one step after the signal. That costs an all-reduce
+    of one number per device per step, queued behind the step and read when the next step is queued,
+    as the loss check is, so the host never waits for it."""
+    if jax.process_count() == 1:
+        return lambda: flag["signal"]
+    sharding, n = batch_sharding(mesh), mesh.size  # one number per device: its process's flag
+    queued = []
+
+    def poll():
+        local = jax.make_array_from_callback(
+            (n,), sharding, lambda index: np.full(len(range(n)[index[0]]), flag["signal"] or 0, np.int32))
+        queued.append(_largest(local))
+        if len(queued) < 2:
+            return None
+        return int(queued.pop(0)) or None
+    return poll
 
 
 class TrainingDiverged(RuntimeError):
@@ -319,8 +321,9 @@ def train(tc: TrainConfig, *, model_config: ModelConfig | None = None, quiet: bo
 
     interrupted = None
     try:
-        with _stop_requests(mesh) as stop, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
-                                                disable=quiet or not main, unit="step") as bar:
+        with _stop_requests() as flag, tqdm(total=tc.steps, initial=start, desc=f"train {tc.preset}",
+                                            disable=quiet or not main, unit="step") as bar:
+            stop = _agreed_stop(flag, mesh)
             t0 = t_last = time.perf_counter()
             pending = None  # the previous step's (step, metrics), checked once the next step is queued
             for step in range(start, tc.steps):
