@@ -113,9 +113,11 @@ def test_dispatch_leading_dims_biases_and_errors():
     y_np, grads_np = np_ffn_and_grads(dy, x, w_up, w_down, b_up, b_down)
     y, vjp = jax.vjp(lambda *a: ffn(*a, implementation="pallas"), *biased)
     np.testing.assert_allclose(np.asarray(y).reshape(T, D), y_np, rtol=1e-5, atol=1e-5)
-    # atol 3e-5: compiled on an H200 the default tiles' fp32 sums put one of 3840 entries 1.2e-5 off
+    # compiled on an H200 the default tiles' fp32 sums put one of 3840 entries 1.2e-5 off: a wider atol
+    # there only; interpreted on the CPU the 1e-5 of the other fp32 checks holds
+    atol = 3e-5 if jax.default_backend() == "gpu" else 1e-5
     for name, g, g_np in zip(GRAD_NAMES, vjp(dy.reshape(xb.shape)), grads_np, strict=True):
-        np.testing.assert_allclose(np.asarray(g).reshape(g_np.shape), g_np, rtol=1e-5, atol=3e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(g).reshape(g_np.shape), g_np, rtol=1e-5, atol=atol, err_msg=name)
     # the kernel ran: its custom_vjp calls the Pallas backward kernels, which the XLA path has none of
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: ffn(*a, implementation="pallas").sum(), argnums=3))(*biased))
     assert "relu2_ffn_dw" in jaxpr and "relu2_ffn_fwd" in jaxpr
