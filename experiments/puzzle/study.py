@@ -11,8 +11,10 @@ held-out KL). Every child is evaluated against the parent on held-out batches 4-
 scores used), its whole-model decode and prefill latency measured here in one process interleaved
 with the parent's. Distillation (cosine on every layer + KL, `--distill-steps` steps on the parent's
 training data) runs for every child at the decode-latency budget of 0.5 and for the MIP child at the
-others, and with the LM loss added for the MIP child at 0.5. Writes results/study.json and
-results/study.png.
+others, and with the LM loss added for the MIP child at 0.5; at 0.5 the MIP child and the two best
+baselines are distilled again with `--seeds` - 1 further data orders, so that the goal's comparison
+carries its seed spread. Uniform width has no child at a budget where no single fraction fits (the
+JSON names those). Writes results/study.json and results/study.png.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ DISTILL_ALL = "decode50"  # the budget at which every child is distilled
 BATCH_SIZES = (1, 8)
 SCORE_BATCHES, EVAL_BATCHES = 4, 8
 RANDOM_CHILDREN = 20
+LATENCY_ROUNDS = 5
+# the goal's baselines; "mip_lm_scores" is the MIP on another objective (the KL-vs-LM comparison), not a baseline
+BASELINES = (*pipeline.BASELINES, "random_best")
 
 
 def eval_batches(tc, n: int) -> list[dict]:
@@ -49,17 +54,20 @@ def eval_batches(tc, n: int) -> list[dict]:
     return [ds.batch(SCORE_BATCHES + i) for i in range(n)]
 
 
-def choices(options, budget: dict, tc, parent, candidates, bld_dir, tokens, batches) -> dict:
-    """Per method: the option keys it picks at `budget` (random: the best of RANDOM_CHILDREN by KL)."""
+def choices(options, budget: dict, parent, candidates, bld_dir, tokens, batches) -> tuple[dict, dict, int]:
+    """Per method, the option keys it picks at `budget` (random: the best of RANDOM_CHILDREN by KL), and
+    per baseline that has no child at this budget, why."""
     mip = puzzle.search(options, budget, objective="kl", batch_sizes=BATCH_SIZES)[0]
     batch = mip["batch_size"]
     out = {"mip": mip["keys"],
            "mip_lm_scores": puzzle.search(options, budget, objective="lm_loss", batch_sizes=(batch,))[0]["keys"]}
-    for name, fn in pipeline.BASELINES.items():
-        try:
-            out[name] = fn(options, budget, batch=batch)["keys"]
-        except ValueError as err:
-            print(f"  {name}: {err}")
+    infeasible = {}
+    for name, found in pipeline.baseline_choices(options, budget, parent.cfg, batch=batch).items():
+        if "infeasible" in found:
+            print(f"  {name}: {found['infeasible']}")
+            infeasible[name] = found["infeasible"]
+        else:
+            out[name] = found["keys"]
     best = None
     for r in baselines.random_feasible(options, budget, RANDOM_CHILDREN, seed=0, batch=batch):
         child, _ = assemble_from_dirs(parent, r["keys"], candidates, bld_dir, tokens=tokens)
@@ -68,11 +76,21 @@ def choices(options, budget: dict, tc, parent, candidates, bld_dir, tokens, batc
             best = (kl, r["keys"])
     if best is not None:
         out["random_best"] = best[1]
-    return out, batch
+    return out, infeasible, batch
+
+
+def distilled(directory: Path, child, batches, parent, name: str, *, lm: bool, seed: int, steps: int, lr: float,
+              batch_size: int) -> dict:
+    """Held-out comparison with the parent after distilling `child` (resumes a stopped distillation)."""
+    out_dir = directory / "distill" / f"{name}{'-lm' if lm else ''}-{steps}steps-seed{seed}"
+    print(f"  distill {out_dir.name}")
+    distill(pipeline.DIRECTORY.parent(directory), child, out_dir, steps=steps, lr=lr, lm=lm, quiet=True,
+            batch_size=batch_size, seed=seed)
+    return score.compare(parent, load_run(out_dir)[1], batches)
 
 
 def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: int, distill_lr: float,
-        distill_batch: int) -> dict:
+        distill_batch: int, seeds: int) -> dict:
     if not (directory / "library" / "library.json").exists():
         pipeline.run_library(directory, parent_run, calibration_batches=4)
     pipeline.run_bld(directory, tokens=bld_tokens, lr=1e-3)
@@ -84,40 +102,44 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     options = pipeline.options_table(directory)
     batches = eval_batches(tc, EVAL_BATCHES)
     bld_dir = directory / "bld"
+    train = dict(steps=distill_steps, lr=distill_lr, batch_size=distill_batch)
 
     out = {"parent": {"eval": score.compare(parent, parent, batches), "params": param_counts(parent.cfg)},
            "budgets": {}}
     for bname, budget in BUDGETS.items():
         print(f"budget {bname} {budget}")
         try:
-            picked, batch = choices(options, budget, tc, parent, candidates, bld_dir, tokens, batches)
+            picked, infeasible, batch = choices(options, budget, parent, candidates, bld_dir, tokens, batches)
         except puzzle.Infeasible as err:
             print(f"  infeasible: {err}")
             out["budgets"][bname] = {"budget": budget, "infeasible": str(err)}
             continue
-        rows = {}
+        rows, children = {}, {}
         for method, keys in picked.items():
-            child, _ = assemble_from_dirs(parent, keys, candidates, bld_dir, tokens=tokens)
+            children[method] = child = assemble_from_dirs(parent, keys, candidates, bld_dir, tokens=tokens)[0]
+            choice = [options.keys[i].index(k) for i, k in enumerate(keys)]
             row = {"keys": keys, "params": param_counts(child.cfg),
-                   "predicted": {n: options.total(n, [options.keys[i].index(k) for i, k in enumerate(keys)])
-                                 for n in ("kl", "lm_loss")},
-                   "relative_cost": {c: options.total(c, [options.keys[i].index(k) for i, k in enumerate(keys)])
-                                     / options.total(c, options.parent_choice()) for c in options.costs
-                                     if options.total(c, options.parent_choice())},
+                   "predicted": {n: options.total(n, choice) for n in ("kl", "lm_loss")},
+                   "relative_cost": {c: options.total(c, choice) / options.total(c, options.parent_choice())
+                                     for c in options.costs if options.total(c, options.parent_choice())},
                    "before": score.compare(parent, child, batches)}
-            runs = [("after", False)] if (bname == DISTILL_ALL or method == "mip") else []
+            if bname == DISTILL_ALL or method == "mip":
+                row["after"] = distilled(directory, child, batches, parent, f"{bname}-{method}", lm=False, seed=0,
+                                         **train)
             if bname == DISTILL_ALL and method == "mip":
-                runs.append(("after_lm", True))
-            for label, lm in runs:
-                out_dir = directory / "distill" / f"{bname}-{method}{'-lm' if lm else ''}"
-                print(f"  distill {out_dir.name}")
-                distill(pipeline.DIRECTORY.parent(directory), child, out_dir, steps=distill_steps, lr=distill_lr,
-                        lm=lm, quiet=True, batch_size=distill_batch)
-                row[label] = score.compare(parent, load_run(out_dir)[1], batches)
+                row["after_lm"] = distilled(directory, child, batches, parent, f"{bname}-{method}", lm=True, seed=0,
+                                            **train)
             rows[method] = row
             print(f"  {method:14s} KL {row['before']['kl']:.4f} acc {row['before']['accuracy']:.4f}"
                   + (f" -> after KL {row['after']['kl']:.4f} acc {row['after']['accuracy']:.4f}" if "after" in row else ""))
-        out["budgets"][bname] = {"budget": budget, "batch_size": batch, "children": rows}
+        if bname == DISTILL_ALL and seeds > 1:
+            # the goal's comparison, repeated where it is closest: the MIP and the two best baselines
+            ranked = sorted((m for m in rows if m in BASELINES), key=lambda m: -rows[m]["after"]["accuracy"])
+            for method in ["mip", *ranked[:2]]:
+                rows[method]["after_seeds"] = [rows[method]["after"]] + [
+                    distilled(directory, children[method], batches, parent, f"{bname}-{method}", lm=False,
+                              seed=seed, **train) for seed in range(1, seeds)]
+        out["budgets"][bname] = {"budget": budget, "batch_size": batch, "children": rows, "infeasible": infeasible}
         # every child is a new program: free the compiled ones, or a process compiling hundreds runs out of
         # memory mappings (LLVM: "Cannot allocate memory" with most of the RAM free)
         jax.clear_caches()
@@ -127,7 +149,7 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     for bname, b in out["budgets"].items():
         for method, row in b.get("children", {}).items():
             models[f"{bname}/{method}"] = assemble_from_dirs(parent, row["keys"], candidates, bld_dir, tokens=tokens)[0]
-    lat = score.model_latency(models, batch=8, prompt=tc.seq_len, new=32)
+    lat = score.model_latency(models, batch=8, prompt=tc.seq_len, new=32, rounds=LATENCY_ROUNDS)
     out["parent"]["latency"] = lat["parent"]
     for name, t in lat.items():
         if name != "parent":
@@ -135,7 +157,7 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
             row = out["budgets"][bname]["children"][method]
             row["latency"] = t
             row["speedup"] = {p: lat["parent"][p] / t[p] for p in ("prefill", "decode")}
-    out["latency_setting"] = {"batch": 8, "prompt": tc.seq_len, "new_tokens": 32, "rounds": 3}
+    out["latency_setting"] = {"batch": 8, "prompt": tc.seq_len, "new_tokens": 32, "rounds": LATENCY_ROUNDS}
     return out
 
 
@@ -170,17 +192,19 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=HERE / "runs" / "puzzle")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--bld-tokens", type=int, default=32768, help="tokens per candidate")
-    p.add_argument("--distill-steps", type=int, default=40)
+    p.add_argument("--distill-steps", type=int, default=120)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="distillation seeds (data order) for the MIP child and the two best baselines at the goal's budget")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     result = run(args.dir, args.parent, bld_tokens=args.bld_tokens, distill_steps=args.distill_steps,
-                 distill_lr=args.distill_lr, distill_batch=args.distill_batch)
+                 distill_lr=args.distill_lr, distill_batch=args.distill_batch, seeds=args.seeds)
     result["meta"] = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "cpus": os.cpu_count(),
                       "machine": platform.processor() or platform.machine(), "bld_tokens": args.bld_tokens,
                       "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-                      "distill_batch": args.distill_batch,
+                      "distill_batch": args.distill_batch, "distill_seeds": args.seeds,
                       "score_batches": SCORE_BATCHES, "eval_batches": EVAL_BATCHES,
                       "seconds": time.perf_counter() - t0}
     args.results.mkdir(parents=True, exist_ok=True)
