@@ -248,7 +248,19 @@ def test_loop_tile_edges(count):
 
 
 def test_loop_tile_rows():
-    assert [loop_tile_rows(a, 16) for a in (1, 16, 17, 64, 200, 1024, 10 ** 6)] == [1, 1, 2, 4, 16, 64, 64]
+    assert [loop_tile_rows(a, 16) for a in (1, 16, 17, 64, 200, 1024, 10 ** 6)] == [8, 8, 8, 8, 16, 64, 64]
+    # a decode step: no expert can receive more rows than there are tokens (or than its capacity)
+    assert [loop_tile_rows(16, 16, r) for r in (1, 3, 4, 5, 100)] == [1, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize("t", [1, 3, 4])
+def test_loop_with_fewer_tokens_than_a_tile(t):
+    """Decode-sized calls: one tile per expert, padded beyond the rows it received."""
+    x, w, idx, up, down = problem(11, t=t, e=8)
+    probe = jax.random.normal(jax.random.key(25), x.shape)
+    assert rel(ffn(x, w, idx, up, down, implementation="loop"), loop_experts(x, w, idx, up, down)) < 1e-5
+    for g, ref in zip(probe_grads(x, w, idx, up, down, probe, "loop"), loop_grads(x, w, idx, up, down, probe)):
+        assert rel(g, ref) < 1e-5
 
 
 def test_loop_in_bfloat16_follows_float32():

@@ -191,14 +191,23 @@ def batched(x, weights, indices, w_up, w_down, *, kept=None, cap=None, precision
 
 
 # --------------------------------------------------------------------------------------- loop
-def loop_tile_rows(assignments: int, num_experts: int) -> int:
-    """Rows per tile of "loop": the mean load T*K/E rounded up to a power of two, at most 64. At
-    balanced load an expert then runs one or two tiles, so the loop's fixed cost per tile is paid
-    rarely, and padding costs at most E * (m - 1) rows. (Fixed tiles of 1 to 256 rows were tried
-    on CPU at the shapes of experiments/benchmarks/moe_dispatch.py; this rule was the best or
-    within the noise of it at each.)"""
+# Tiles of fewer rows than this are bound by reading their expert's weights, not by their FLOPs, so a
+# tile is padded up to it (at most to the rows an expert can receive): a decode step's few tokens then
+# run each expert's weights once instead of once per row.
+MIN_TILE_ROWS = 8
+
+
+def loop_tile_rows(assignments: int, num_experts: int, max_rows: int | None = None) -> int:
+    """Rows per tile of "loop": the mean load T*K/E rounded up to a power of two, at most 64 and at
+    least MIN_TILE_ROWS, or the power of two that holds `max_rows` (the most rows one expert can
+    receive: T, or the capacity) when that is fewer. At balanced load an expert then runs one or two
+    tiles, so the loop's fixed cost per tile is paid rarely, and padding costs at most E * (m - 1)
+    rows. (Fixed tiles of 1 to 256 rows were tried on CPU at the training shapes of
+    experiments/benchmarks/moe_dispatch.py; the mean-load rule was the best or within the noise of it
+    at each.)"""
     mean = max(1, -(-assignments // num_experts))
-    return min(64, 1 << (mean - 1).bit_length())
+    floor = MIN_TILE_ROWS if max_rows is None else min(MIN_TILE_ROWS, 1 << (max(1, max_rows) - 1).bit_length())
+    return max(floor, min(64, 1 << (mean - 1).bit_length()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -300,7 +309,7 @@ def loop(x, weights, indices, w_up, w_down, *, kept=None, cap=None, precision=No
     e = w_up.shape[0]
     key = _expert_keys(indices, kept, e)
     placed = t * k if cap is None else min(t * k, e * cap)
-    m = loop_tile_rows(placed, e)
+    m = loop_tile_rows(placed, e, t if cap is None else min(t, cap))
     if precision is not None:  # tiles of whole quantisation blocks (both are powers of two)
         m = max(m, precision.row_alignment)
     row, tiles, num_rows = _tiled_rows(key, e, placed, m)
