@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path, default=HERE / "runs" / "puzzle")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--bld-tokens", type=int, default=32768, help="tokens per candidate")
-    p.add_argument("--distill-steps", type=int, default=120)
+    p.add_argument("--distill-steps", type=int, default=80)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
     p.add_argument("--seeds", type=int, default=3,
