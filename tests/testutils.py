@@ -91,6 +91,26 @@ def interrupt_at(step: int, sig=signal.SIGINT):
         loop.make_dataset = make
 
 
+@contextmanager
+def compile_cache(path):
+    """Within the block, compiled programs are written to and looked up in a persistent cache at `path`.
+    `loop.train` jits its steps afresh at every call, so a test that trains, resumes and re-runs one
+    configuration would otherwise compile the same programs once per call."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0.0}
+    old = {name: getattr(jax.config, name) for name in settings}
+    cc.reset_cache()  # the process decided at its first compilation, without a cache dir, to use none
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        cc.reset_cache()
+        for name, value in old.items():
+            jax.config.update(name, value)
+
+
 def chi_square_pvalue(counts, probs, min_expected=5.0):
     """Pearson's goodness of fit, the bins expected to hold fewer than `min_expected` draws pooled."""
     from scipy.stats import chi2
