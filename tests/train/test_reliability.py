@@ -17,6 +17,15 @@ from nemojax.io.checkpoint import Checkpointer, CheckpointError
 from nemojax.train import TrainConfig, loop, memory
 from nemojax.train.config import FIXED_ON_RESUME, FREE_ON_RESUME
 from nemojax.train.sharding import fsdp_replicated
+from testutils import compile_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_once(tmp_path_factory):
+    """The runs here share programs (every run's eval step, the resumed runs' state checksums): each is
+    compiled once and loaded from the cache after."""
+    with compile_cache(tmp_path_factory.mktemp("compile_cache")):
+        yield
 
 
 def tiny(out_dir, **kw):
