@@ -109,14 +109,16 @@ def test_bf16_compute_tracks_fp32():
     def cos(a, b):
         return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
 
+    # measured: bf16 moves the loss by 6e-5 relative and keeps the gradient's cosine at 0.9999; another
+    # init (the bounds must tell models apart) moves the loss by 7e-3, its gradient's cosine is ~0
     fp32 = grads("float32")
     l32, g32 = fp32(state["params"])
     l16, g16 = grads("bfloat16")(state["params"])
-    assert abs(l16 - l32) < 0.02 * l32
+    assert abs(l16 - l32) < 1e-3 * l32
     assert cos(g16, g32) > 0.98
-    # the gradient bound tells models apart: another init's fp32 gradient fails it
     other = loop.init_state(tc, loop.build_model(tc.replace(seed=tc.seed + 1), 256))[2]
-    assert cos(fp32(other["params"])[1], g32) < 0.98
+    l_other, g_other = fp32(other["params"])
+    assert abs(l_other - l32) > 1e-3 * l32 and cos(g_other, g32) < 0.98
     # master weights stay fp32: the gradient w.r.t. the fp32 params is fp32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
 
