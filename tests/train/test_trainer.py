@@ -134,7 +134,7 @@ def test_cli_train_eval_generate(tmp_path, capsys):
         assert (out / f).exists(), f
     assert main(["eval", "--checkpoint", str(out), "--batches", "1"]) == 0
     assert "perplexity" in capsys.readouterr().out
-    # same prompt length and settings as the run's own sample, so the compiled decode loop is reused
+    # sampled with the settings of the run's own sample
     assert main(["generate", "--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("The ")
     # greedy through an FP8 K/V cache calibrated on the run's text, against the model's own cache
