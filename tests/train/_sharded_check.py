@@ -175,7 +175,7 @@ def ep_check(mesh_shape) -> dict:
     ep = partial(moe_ffn_expert_parallel, mesh=mesh)
     y = jax.jit(ep)(x, weights, indices, w_up, w_down)
     grads = jax.jit(jax.grad(partial(loss, ep), argnums=(0, 1, 2, 3)))(x, weights, w_up, w_down)
-    grads_ref = jax.grad(partial(loss, moe_ffn), argnums=(0, 1, 2, 3))(x, weights, w_up, w_down)
+    grads_ref = jax.jit(jax.grad(partial(loss, moe_ffn), argnums=(0, 1, 2, 3)))(x, weights, w_up, w_down)
     out = {"forward_err": rel_err(y, moe_ffn(x, weights, indices, w_up, w_down)),
            "unused_expert_grad": float(jnp.max(jnp.abs(grads[2][-1])) + jnp.max(jnp.abs(grads[3][-1])))}
     out.update({f"grad_err_{n}": rel_err(g, r) for n, g, r in zip(("x", "weights", "w_up", "w_down"), grads,
