@@ -48,9 +48,11 @@ def test_stages_build_a_child_within_the_budget(parent_run, tmp_path, capsys, mo
     assert (d / "scores" / "scores.png").exists() and "child" in capsys.readouterr().out
 
     # a BLD stopped by a signal (saved, unfinished) ends the command instead of feeding the next stage
+    # (`run` first rebuilds the library: no-op candidates on one batch keep that cheap)
     monkeypatch.setattr(bld, "run_bld", lambda *a, **k: {"1:mlp_w50": {"status": "running"}})
     with pytest.raises(SystemExit) as exc:
-        main(["puzzle", "run", str(d), "--parent", str(parent_run), "--budget", "params=0.6"])
+        main(["puzzle", "run", str(d), "--parent", str(parent_run), "--kinds", "noop", "--calibration-batches", "1",
+              "--budget", "params=0.6"])
     assert exc.value.code == 130 and "BLD stopped and saved" in capsys.readouterr().err
 
 
