@@ -25,18 +25,22 @@ def tokens_for(model, b=2, l=37, seed=3):
     return jax.random.randint(jax.random.key(seed), (b, l), 0, model.cfg.vocab_size, jnp.int32)
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_cached_forward_and_decode_reproduce_full_forward(name):
-    model = scaled_model(name)
+def test_cached_forward_and_decode_reproduce_full_forward():
+    """On tiny-hybrid (Mamba, attention, MLP: every kind of cache). MoE layers keep no cache; the
+    every-layer-differs model of test_heterogeneous.py runs the same check with MoE, latent-MoE, windowed
+    attention and other layer kinds."""
+    model = scaled_model("tiny-hybrid")
     tokens = tokens_for(model)  # 37 tokens: two full 16-token chunks and a partial one
-    full = model(tokens)
+    full = nnx.jit(lambda m, t: m(t))(model, tokens)  # jitted: op by op, every new length recompiles each op
+    cached_forward = nnx.jit(lambda m, t, c: m.forward(t, c))
     cache = model.init_cache(tokens.shape[0], tokens.shape[1])
     pieces = []
-    for start, stop in [(0, 20), (20, 29)]:  # prefill, then a cached multi-token forward
-        logits, cache = model.forward(tokens[:, start:stop], cache)
+    # prefill, then a cached multi-token forward across the chunk boundary at 16 (same length: one compile)
+    for start, stop in [(0, 14), (14, 28)]:
+        logits, cache = cached_forward(model, tokens[:, start:stop], cache)
         pieces.append(logits)
-    for t in range(29, 37):  # then token-by-token decode
-        logits, cache = model.forward(tokens[:, t:t + 1], cache)
+    for t in range(28, 37):  # then token-by-token decode, across the boundary at 32
+        logits, cache = cached_forward(model, tokens[:, t:t + 1], cache)
         pieces.append(logits)
     assert int(cache["pos"]) == 37
     assert rel_err(jnp.concatenate(pieces, axis=1), full) < 1e-5
@@ -204,6 +208,7 @@ def test_kernels_switched_on_everywhere_match_the_xla_model():
     model = nj.HybridLM(nj.presets.get("tiny-moe"), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
 
+    @nnx.jit  # eagerly, every op (each interpreted kernel too) is a compile of its own: ~3x slower
     def logits_and_grads(m):
         graphdef, params, rest = nnx.split(m, nnx.Param, ...)
         loss = lambda p: jnp.mean(jnp.sin(nnx.merge(graphdef, p, rest)(tokens)))  # noqa: E731
