@@ -640,13 +640,49 @@ def puzzle_study_table(d):
     return rows
 
 
+STUDY_BASELINES = ("greedy", "max_params", "noop_only", "uniform", "random_best")
+
+
+def seed_stats(d, row, key: str) -> tuple[float, float, float]:
+    """(mean, min, max) over the distillation seeds of accuracy (as % of the parent's) or KL."""
+    scale = 100 / d["parent"]["eval"]["accuracy"] if key == "accuracy" else 1
+    values = [r[key] * scale for r in row["after_seeds"]]
+    return mean(values), min(values), max(values)
+
+
+@table(STUDY + "#seeds")
+def puzzle_seeds_table(d):
+    rows = [["child", "seeds", "accuracy after, mean (range)", "KL after, mean (range)"]]
+    for method, r in d["budgets"]["decode50"]["children"].items():
+        if "after_seeds" in r:
+            acc, kl = seed_stats(d, r, "accuracy"), seed_stats(d, r, "kl")
+            rows.append([method, str(len(r["after_seeds"])), f"{acc[0]:.1f}% ({acc[1]:.1f}-{acc[2]:.1f})",
+                         f"{kl[0]:.3f} ({kl[1]:.3f}-{kl[2]:.3f})"])
+    return rows
+
+
 @prose(PUZZLE, STUDY)
 def puzzle_study_prose(d):
     acc = d["parent"]["eval"]["accuracy"]
     goal = d["budgets"]["decode50"]["children"]
     mip = goal["mip"]
-    others = {m: r["after"]["accuracy"] for m, r in goal.items() if m != "mip" and "after" in r}
+    others = {m: r["after"]["accuracy"] for m, r in goal.items() if m in STUDY_BASELINES and "after" in r}
     best_other = max(others, key=others.get)
+    repeated = [m for m, r in goal.items() if m != "mip" and "after_seeds" in r]
+    mip_acc, mip_kl = seed_stats(d, mip, "accuracy"), seed_stats(d, mip, "kl")
+    above = [m for m in repeated if mip_acc[1] > seed_stats(d, goal[m], "accuracy")[2]]
+    below = [m for m in repeated if mip_kl[2] < seed_stats(d, goal[m], "kl")[1]]
+    relations = ([f"in accuracy every seed of the MIP child is above every seed of {' and '.join(above)}"] * bool(above)
+                 + [f"in accuracy the seed ranges of the MIP child and {' and '.join(sorted(set(repeated) - set(above)))} "
+                    "overlap"] * (len(above) < len(repeated))
+                 + [f"in KL every seed of the MIP child is below every seed of {' and '.join(below)}"] * bool(below)
+                 + [f"in KL the seed ranges of the MIP child and {' and '.join(sorted(set(repeated) - set(below)))} "
+                    "overlap"] * (len(below) < len(repeated)))
+    no_child = {}
+    for b in d["budgets"].values():
+        (name, frac), = b["budget"].items()
+        for method in b.get("infeasible", {}):
+            no_child.setdefault(method, []).append(f"{name} {frac:g}")
     m, lat = d["meta"], d["latency_setting"]
     sb, eb = m["score_batches"], m["eval_batches"]
     return [f"{m['bld_tokens']} tokens per candidate",
@@ -654,10 +690,13 @@ def puzzle_study_prose(d):
             f"the replace-one scores use held-out batches 0-{sb - 1}",
             f"on held-out batches {sb}-{sb + eb - 1}, which chose nothing",
             f"prefill of {lat['prompt']} bytes and decode steps at batch {lat['batch']}",
-            f"keeps {100 * mip['after']['accuracy'] / acc:.1f}% of the parent's next-token accuracy",
+            f"timed in turns over {lat['rounds']} rounds",
+            f"with {m['distill_seeds']} data orders",
+            f"keeps {mip_acc[0]:.1f}% of the parent's next-token accuracy on average over its seeds",
             f"decode speedup of {mip['speedup']['decode']:.2f}x",
             f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
-            f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%"]
+            f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%", *relations] + [
+            f"{method} has no child at {', '.join(where)}" for method, where in no_child.items()]
 
 
 # ---------------------------------------------------------------------- experiments/fusion/README.md
