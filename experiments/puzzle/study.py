@@ -84,8 +84,10 @@ def distilled(directory: Path, child, batches, parent, name: str, *, lm: bool, s
     """Held-out comparison with the parent after distilling `child` (resumes a stopped distillation)."""
     out_dir = directory / "distill" / f"{name}{'-lm' if lm else ''}-{steps}steps-seed{seed}"
     print(f"  distill {out_dir.name}")
-    distill(pipeline.DIRECTORY.parent(directory), child, out_dir, steps=steps, lr=lr, lm=lm, quiet=True,
-            batch_size=batch_size, seed=seed)
+    summary = distill(pipeline.DIRECTORY.parent(directory), child, out_dir, steps=steps, lr=lr, lm=lm, quiet=True,
+                      batch_size=batch_size, seed=seed)
+    if summary.get("interrupted"):  # a signal stopped it: stop the study too, or it would score a half-distilled child
+        raise KeyboardInterrupt(f"distillation stopped and saved in {out_dir}; run the study again to resume")
     return score.compare(parent, load_run(out_dir)[1], batches)
 
 
