@@ -11,8 +11,8 @@ every expert on its rows, and combines y_t = sum_k w_tk y[row_tk] in fp32:
              (`DROPLESS_BUCKETS` times the mean load T*K/E, then T) that fits, chosen by
              `lax.switch`, which runs only that branch. The cost follows the busiest expert: E x
              1.25 mean when balanced, E x T (the FLOPs of "dense") once it exceeds 2x the mean.
-- "loop":    each expert's rows padded to whole tiles of m rows (m about the mean load, at most
-             64); a loop over the experts runs each on its own tiles, so the cost follows the
+- "loop":    each expert's rows padded to whole tiles of m rows (m about the mean load, between
+             `MIN_TILE_ROWS` and 64); a loop over the experts runs each on its own tiles, so the cost follows the
              tokens routed (plus at most m - 1 padding rows per expert) however unbalanced the
              router is. Forward
              and backward are written out (`jax.custom_vjp`): the backward reads each expert's
