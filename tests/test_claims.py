@@ -699,7 +699,9 @@ def puzzle_study_prose(d):
             f"decode speedup of {mip['speedup']['decode']:.2f}x",
             f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
             f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%", *relations,
-            f"the MIP child itself removes or linearises {removed} layers"] + [
+            f"the MIP child itself removes or linearises {removed} layers",
+            "ends with a " + ("lower KL than any" if goal["mip_lm_scores"]["after"]["kl"] < mip_kl[1] else
+                              "KL no lower than one") + " of the MIP child's seeds"] + [
             f"{method} has no child at {', '.join(where)}" for method, where in no_child.items()]
 
 
