@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3,
                    help="distillation seeds (data order) for the MIP child and the two best baselines at the goal's budget")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds: at least 1 (the first distillation is seed 0), got {args.seeds}")
     t0 = time.perf_counter()
     result = run(args.dir, args.parent, bld_tokens=args.bld_tokens, distill_steps=args.distill_steps,
                  distill_lr=args.distill_lr, distill_batch=args.distill_batch, seeds=args.seeds)
