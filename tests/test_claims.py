@@ -519,7 +519,23 @@ def cpu_vs_hf_prose(d, hidden: int):
     env = d["env"]
     return [f"Width {hidden}: load average {load_range(env)} ({env['date']}, jax {env['jax']}, torch {env['torch']}, "
             f"transformers {env['transformers']}, {d['args']['repeats']} pairs)",
-            f"Width {hidden} goals met in wall time: {met('ratio')}; in CPU time: {met('cpu_ratio')}."]
+            f"Width {hidden} goals met in wall time: {met('ratio')}; in CPU time: {met('cpu_ratio')}."] + [
+        f"{name}: {now:.2f} of its GEMM roofline now, {need:.2f} needed, {cut:.0f}% less time outside the GEMMs"
+        for name, now, need, cut in training_goal_gap(d, goals["train"])]
+
+
+def training_goal_gap(d, goal: float) -> list[tuple[str, float, float, float]]:
+    """For each model below the training goal: (name, fraction of its GEMM roofline nemojax's step reaches,
+    the fraction at which its step would take HF's time / goal, the % cut in the step's non-GEMM time
+    that this needs), from the step's median times and nemojax's GEMM roofline time."""
+    out = []
+    for name, r in d["results"].items():
+        t = r["train"]
+        if t["ratio"] < goal:
+            gemm, now = t["roofline"]["jax"]["roofline_s"], t["roofline"]["jax"]["fraction"]
+            need = gemm / (t["hf_s"] / goal)
+            out.append((name, now, need, 100 * (1 - (1 / need - 1) / (1 / now - 1))))
+    return out
 
 
 for _h in CPU_VS_HF:
