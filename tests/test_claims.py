@@ -636,6 +636,12 @@ def short_option(key: str) -> str:
     return f"e{size}{scorer[1]}"  # rcv -> c, rem -> e
 
 
+def budget_label(b) -> str:
+    """'decode_latency 0.5', or 'decode_latency 0.5 (H100 roofline)' for a budget on the roofline estimate."""
+    (name, frac), = b["budget"].items()
+    return f"{name} {frac:g}" + (" (H100 roofline)" if b.get("latency") == "roofline" else "")
+
+
 @table(STUDY)
 def puzzle_study_table(d):
     acc = d["parent"]["eval"]["accuracy"]
@@ -644,11 +650,10 @@ def puzzle_study_table(d):
     for b in d["budgets"].values():
         if "children" not in b:
             continue
-        (name, frac), = b["budget"].items()
-        column = f"{name}@{b['batch_size']}"
+        column = f"{next(iter(b['budget']))}@{b['batch_size']}"
         for method, r in b["children"].items():
             after = r.get("after")
-            rows.append([f"{name} {frac:g}", method, " ".join(short_option(k) for k in r["keys"]),
+            rows.append([budget_label(b), method, " ".join(short_option(k) for k in r["keys"]),
                          f"{r['relative_cost'][column]:.2f}", f"{r['speedup']['decode']:.2f}x",
                          f"{r['speedup']['prefill']:.2f}x", f"{r['before']['kl']:.3f}",
                          f"{100 * r['before']['accuracy'] / acc:.1f}%",
@@ -670,54 +675,80 @@ def seed_stats(d, row, key: str) -> tuple[float, float, float]:
 
 @table(STUDY + "#seeds")
 def puzzle_seeds_table(d):
-    rows = [["child", "seeds", "accuracy after, mean (range)", "KL after, mean (range)"]]
-    for method, r in d["budgets"]["decode50"]["children"].items():
-        if "after_seeds" in r:
-            acc, kl = seed_stats(d, r, "accuracy"), seed_stats(d, r, "kl")
-            rows.append([method, str(len(r["after_seeds"])), f"{acc[0]:.1f}% ({acc[1]:.1f}-{acc[2]:.1f})",
-                         f"{kl[0]:.3f} ({kl[1]:.3f}-{kl[2]:.3f})"])
+    rows = [["budget", "child", "seeds", "accuracy after, mean (range)", "KL after, mean (range)"]]
+    for b in d["budgets"].values():
+        for method, r in b.get("children", {}).items():
+            if "after_seeds" in r:
+                acc, kl = seed_stats(d, r, "accuracy"), seed_stats(d, r, "kl")
+                rows.append([budget_label(b), method, str(len(r["after_seeds"])),
+                             f"{acc[0]:.1f}% ({acc[1]:.1f}-{acc[2]:.1f})", f"{kl[0]:.3f} ({kl[1]:.3f}-{kl[2]:.3f})"])
     return rows
+
+
+def join_and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def seeded_comparison(d, b) -> str:
+    """One sentence on budget `b`: the distilled MIP child's accuracy over its seeds, its measured decode
+    speedup, and how its seeds compare with those of the baselines distilled as often."""
+    goal = b["children"]
+    mip = goal["mip"]
+    repeated = [m for m, r in goal.items() if m != "mip" and "after_seeds" in r]
+    acc, kl = seed_stats(d, mip, "accuracy"), seed_stats(d, mip, "kl")
+    above = [m for m in repeated if acc[1] > seed_stats(d, goal[m], "accuracy")[2]]
+    below = [m for m in repeated if kl[2] < seed_stats(d, goal[m], "kl")[1]]
+
+    def relation(metric, better, word):
+        rest = sorted(set(repeated) - set(better))
+        return ([f"in {metric} every seed of the MIP child is {word} every seed of {' and '.join(better)}"] * bool(better)
+                + [f"in {metric} its seed range and that of {' and '.join(rest)} overlap"] * bool(rest))
+
+    speed = f"a decode speedup of {mip['speedup']['decode']:.2f}x measured here"
+    if b.get("latency") == "roofline":
+        cost = mip["relative_cost"][f"decode_latency@{b['batch_size']}"]
+        speed = f"a decode speedup of {1 / cost:.2f}x on the H100 roofline ({mip['speedup']['decode']:.2f}x measured here)"
+    return (f"At {budget_label(b)} the MIP child keeps {acc[0]:.1f}% of the parent's accuracy ({acc[1]:.1f}-{acc[2]:.1f} "
+            f"over {len(mip['after_seeds'])} seeds) at {speed}; "
+            + "; ".join(relation("accuracy", above, "above") + relation("KL", below, "below")))
+
+
+def lm_scores_comparison(b) -> str:
+    """How the MIP child searched on LM-loss scores ends, in KL, against the KL-scored MIP child's seeds."""
+    low = min(r["kl"] for r in b["children"]["mip"]["after_seeds"])
+    verdict = "a lower KL than any" if b["children"]["mip_lm_scores"]["after"]["kl"] < low else "a KL no lower than one"
+    return f"at {budget_label(b)} mip_lm_scores ends with {verdict} of the MIP child's seeds"
 
 
 @prose(PUZZLE, STUDY)
 def puzzle_study_prose(d):
     acc = d["parent"]["eval"]["accuracy"]
-    goal = d["budgets"]["decode50"]["children"]
-    mip = goal["mip"]
-    others = {m: r["after"]["accuracy"] for m, r in goal.items() if m in STUDY_BASELINES and "after" in r}
-    best_other = max(others, key=others.get)
-    repeated = [m for m, r in goal.items() if m != "mip" and "after_seeds" in r]
-    mip_acc, mip_kl = seed_stats(d, mip, "accuracy"), seed_stats(d, mip, "kl")
-    above = [m for m in repeated if mip_acc[1] > seed_stats(d, goal[m], "accuracy")[2]]
-    below = [m for m in repeated if mip_kl[2] < seed_stats(d, goal[m], "kl")[1]]
-    relations = ([f"in accuracy every seed of the MIP child is above every seed of {' and '.join(above)}"] * bool(above)
-                 + [f"in accuracy the seed ranges of the MIP child and {' and '.join(sorted(set(repeated) - set(above)))} "
-                    "overlap"] * (len(above) < len(repeated))
-                 + [f"in KL every seed of the MIP child is below every seed of {' and '.join(below)}"] * bool(below)
-                 + [f"in KL the seed ranges of the MIP child and {' and '.join(sorted(set(repeated) - set(below)))} "
-                    "overlap"] * (len(below) < len(repeated)))
-    removed = sum(k.endswith((":noop", ":linear")) for k in mip["keys"])
+    seeded = {n: b for n, b in d["budgets"].items() if "after_seeds" in b.get("children", {}).get("mip", {})}
     no_child = {}
     for b in d["budgets"].values():
-        (name, frac), = b["budget"].items()
         for method in b.get("infeasible", {}):
-            no_child.setdefault(method, []).append(f"{name} {frac:g}")
+            no_child.setdefault(method, []).append(budget_label(b))
+    lm = {budget_label(b): b["children"]["mip"] for b in seeded.values()}
     m, lat = d["meta"], d["latency_setting"]
     sb, eb = m["score_batches"], m["eval_batches"]
+    measured = {budget_label(b): b["children"]["mip"]["speedup"]["decode"] for b in d["budgets"].values()
+                if b.get("latency") == "measured" and "children" in b}
     return [f"{m['bld_tokens']} tokens per candidate",
             f"{m['distill_steps']} steps of {m['distill_batch']} sequences of {lat['prompt']} bytes",
             f"the replace-one scores use held-out batches 0-{sb - 1}",
             f"on held-out batches {sb}-{sb + eb - 1}, which chose nothing",
-            f"prefill of {lat['prompt']} bytes and decode steps at batch {lat['batch']}",
+            f"prefill of {lat['prompt']} bytes and {lat['new_tokens']} decode steps at batch {lat['batch']}",
             f"timed in turns over {lat['rounds']} rounds",
             f"with {m['distill_seeds']} data orders",
-            f"keeps {mip_acc[0]:.1f}% of the parent's next-token accuracy on average over its seeds",
-            f"decode speedup of {mip['speedup']['decode']:.2f}x",
-            f"best baseline after distillation ({best_other}) keeps {100 * others[best_other] / acc:.1f}%",
-            f"with the LM loss added, {100 * mip['after_lm']['accuracy'] / acc:.1f}%", *relations,
-            f"the MIP child itself removes or linearises {removed} layers",
-            "ends with a " + ("lower KL than any" if goal["mip_lm_scores"]["after"]["kl"] < mip_kl[1] else
-                              "KL no lower than one") + " of the MIP child's seeds"] + [
+            "measured whole-model decode speedups of the MIP children: "
+            + ", ".join(f"{s:.2f}x at {label}" for label, s in measured.items())] + [
+            seeded_comparison(d, b) for b in seeded.values()] + [lm_scores_comparison(b) for b in seeded.values()] + [
+            f"at {budget_label(b)} the MIP child removes or linearises "
+            f"{sum(k.endswith((':noop', ':linear')) for k in b['children']['mip']['keys'])} of its "
+            f"{len(b['children']['mip']['keys'])} layers" for b in seeded.values()] + [
+            "the MIP child with the LM loss added to its distillation keeps " + join_and(
+                [f"{100 * r['after_lm']['accuracy'] / acc:.1f}% at {label}" for label, r in lm.items()])] + [
             f"{method} has no child at {', '.join(where)}" for method, where in no_child.items()]
 
 

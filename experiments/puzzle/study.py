@@ -10,11 +10,16 @@ baselines (greedy, max parameters, no-op-only, uniform width, best of 20 random 
 held-out KL). Every child is evaluated against the parent on held-out batches 4-11 (not those the
 scores used), its whole-model decode and prefill latency measured here in one process interleaved
 with the parent's. Distillation (cosine on every layer + KL, `--distill-steps` steps on the parent's
-training data) runs for every child at the decode-latency budget of 0.5 and for the MIP child at the
-others, and with the LM loss added for the MIP child at 0.5; at 0.5 the MIP child and the two best
+training data) runs for every child at the budgets of DISTILL_ALL and for the MIP child at the others,
+and with the LM loss added for the MIP child at DISTILL_ALL; there the MIP child and the two best
 baselines are distilled again with `--seeds` - 1 further data orders, so that the goal's comparison
-carries its seed spread. Uniform width has no child at a budget where no single fraction fits (the
-JSON names those). Writes results/study.json and results/study.png.
+carries its seed spread. Latency budgets bound the per-layer times measured here, except
+"roofline50", which bounds the analytic H100 decode time (bytes and FLOPs at the roofline): there
+narrowing a layer saves time in proportion, where on this CPU a layer's fixed dispatch cost makes
+removing it the only large saving. Uniform width has no child at a budget where no single fraction
+fits (the JSON names those). Writes results/study.json and results/study.png.
+
+    python experiments/puzzle/study.py --latency-only   # re-time the children in results/study.json
 """
 
 from __future__ import annotations
@@ -37,13 +42,18 @@ from nemojax.nn.model import param_counts
 from nemojax.train.loop import load_run, make_dataset
 
 HERE = Path(__file__).parent
-BUDGETS = {"decode75": {"decode_latency": 0.75}, "decode50": {"decode_latency": 0.5},
-           "decode35": {"decode_latency": 0.35}, "memory50": {"memory": 0.5}}
-DISTILL_ALL = "decode50"  # the budget at which every child is distilled
+# name: (budget, what a latency budget bounds: the times measured here, or the H100 roofline estimate)
+BUDGETS = {"decode75": ({"decode_latency": 0.75}, "measured"), "decode50": ({"decode_latency": 0.5}, "measured"),
+           "decode35": ({"decode_latency": 0.35}, "measured"), "memory50": ({"memory": 0.5}, "measured"),
+           "roofline50": ({"decode_latency": 0.5}, "roofline")}
+DISTILL_ALL = ("decode50", "decode35", "roofline50")  # the budgets at which every child is distilled
 BATCH_SIZES = (1, 8)
 SCORE_BATCHES, EVAL_BATCHES = 4, 8
 RANDOM_CHILDREN = 20
 LATENCY_ROUNDS = 5
+# decode steps per timed generation: a step's time is (generate(1 + new) - generate(1)) / new, so the
+# steps must outweigh the prefill's run-to-run noise (at 32 some children's rounds came out at or below 0)
+LATENCY_NEW = 128
 # the goal's baselines; "mip_lm_scores" is the MIP on another objective (the KL-vs-LM comparison), not a baseline
 BASELINES = (*pipeline.BASELINES, "random_best")
 
@@ -101,57 +111,70 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     tc, parent = pipeline.load_parent(directory)
     candidates, meta = library.load_library(directory / "library" / "library.json", parent)
     tokens = pipeline.calibration_tokens(tc, meta["calibration_batches"])
-    options = pipeline.options_table(directory)
+    options = {mode: pipeline.options_table(directory, latency=mode) for mode in ("measured", "roofline")}
     batches = eval_batches(tc, EVAL_BATCHES)
     bld_dir = directory / "bld"
     train = dict(steps=distill_steps, lr=distill_lr, batch_size=distill_batch)
 
     out = {"parent": {"eval": score.compare(parent, parent, batches), "params": param_counts(parent.cfg)},
            "budgets": {}}
-    for bname, budget in BUDGETS.items():
-        print(f"budget {bname} {budget}")
+    for bname, (budget, latency) in BUDGETS.items():
+        print(f"budget {bname} {budget} ({latency} latency)")
+        opts = options[latency]
         try:
-            picked, infeasible, batch = choices(options, budget, parent, candidates, bld_dir, tokens, batches)
+            picked, infeasible, batch = choices(opts, budget, parent, candidates, bld_dir, tokens, batches)
         except puzzle.Infeasible as err:
             print(f"  infeasible: {err}")
-            out["budgets"][bname] = {"budget": budget, "infeasible": str(err)}
+            out["budgets"][bname] = {"budget": budget, "latency": latency, "infeasible": str(err)}
             continue
         rows, children = {}, {}
         for method, keys in picked.items():
             children[method] = child = assemble_from_dirs(parent, keys, candidates, bld_dir, tokens=tokens)[0]
-            choice = [options.keys[i].index(k) for i, k in enumerate(keys)]
+            choice = [opts.keys[i].index(k) for i, k in enumerate(keys)]
             row = {"keys": keys, "params": param_counts(child.cfg),
-                   "predicted": {n: options.total(n, choice) for n in ("kl", "lm_loss")},
-                   "relative_cost": {c: options.total(c, choice) / options.total(c, options.parent_choice())
-                                     for c in options.costs if options.total(c, options.parent_choice())},
+                   "predicted": {n: opts.total(n, choice) for n in ("kl", "lm_loss")},
+                   "relative_cost": {c: opts.total(c, choice) / opts.total(c, opts.parent_choice())
+                                     for c in opts.costs if opts.total(c, opts.parent_choice())},
                    "before": score.compare(parent, child, batches)}
-            if bname == DISTILL_ALL or method == "mip":
+            if bname in DISTILL_ALL or method == "mip":
                 row["after"] = distilled(directory, child, batches, parent, f"{bname}-{method}", lm=False, seed=0,
                                          **train)
-            if bname == DISTILL_ALL and method == "mip":
+            if bname in DISTILL_ALL and method == "mip":
                 row["after_lm"] = distilled(directory, child, batches, parent, f"{bname}-{method}", lm=True, seed=0,
                                             **train)
             rows[method] = row
             print(f"  {method:14s} KL {row['before']['kl']:.4f} acc {row['before']['accuracy']:.4f}"
                   + (f" -> after KL {row['after']['kl']:.4f} acc {row['after']['accuracy']:.4f}" if "after" in row else ""))
-        if bname == DISTILL_ALL and seeds > 1:
+        if bname in DISTILL_ALL and seeds > 1:
             # the goal's comparison, repeated where it is closest: the MIP and the two best baselines
             ranked = sorted((m for m in rows if m in BASELINES), key=lambda m: -rows[m]["after"]["accuracy"])
             for method in ["mip", *ranked[:2]]:
                 rows[method]["after_seeds"] = [rows[method]["after"]] + [
                     distilled(directory, children[method], batches, parent, f"{bname}-{method}", lm=False,
                               seed=seed, **train) for seed in range(1, seeds)]
-        out["budgets"][bname] = {"budget": budget, "batch_size": batch, "children": rows, "infeasible": infeasible}
+        out["budgets"][bname] = {"budget": budget, "latency": latency, "batch_size": batch, "children": rows,
+                                 "infeasible": infeasible}
         # every child is a new program: free the compiled ones, or a process compiling hundreds runs out of
         # memory mappings (LLVM: "Cannot allocate memory" with most of the RAM free)
         jax.clear_caches()
 
-    # whole-model latency of the parent and every distinct child, measured together
+    measure_latency(out, directory)
+    return out
+
+
+def measure_latency(out: dict, directory: Path) -> None:
+    """Whole-model latency of the parent and every child in `out`, measured together, into `out`."""
+    tc, parent = pipeline.load_parent(directory)
+    candidates, meta = library.load_library(directory / "library" / "library.json", parent)
+    tokens = pipeline.calibration_tokens(tc, meta["calibration_batches"])
     models = {"parent": parent}
     for bname, b in out["budgets"].items():
         for method, row in b.get("children", {}).items():
-            models[f"{bname}/{method}"] = assemble_from_dirs(parent, row["keys"], candidates, bld_dir, tokens=tokens)[0]
-    lat = score.model_latency(models, batch=8, prompt=tc.seq_len, new=32, rounds=LATENCY_ROUNDS)
+            models[f"{bname}/{method}"] = assemble_from_dirs(parent, row["keys"], candidates, directory / "bld",
+                                                             tokens=tokens)[0]
+    setting = {"batch": 8, "prompt": tc.seq_len, "new_tokens": LATENCY_NEW, "rounds": LATENCY_ROUNDS}
+    lat = score.model_latency(models, batch=setting["batch"], prompt=setting["prompt"], new=LATENCY_NEW,
+                              rounds=LATENCY_ROUNDS)
     out["parent"]["latency"] = lat["parent"]
     for name, t in lat.items():
         if name != "parent":
@@ -159,28 +182,35 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
             row = out["budgets"][bname]["children"][method]
             row["latency"] = t
             row["speedup"] = {p: lat["parent"][p] / t[p] for p in ("prefill", "decode")}
-    out["latency_setting"] = {"batch": 8, "prompt": tc.seq_len, "new_tokens": 32, "rounds": LATENCY_ROUNDS}
-    return out
+    out["latency_setting"] = setting
 
 
 def plot(result: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5))
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(17, 4.5))
+    axes = fig.subplots(1, 3)
     parent_acc = result["parent"]["eval"]["accuracy"]
     markers = {"mip": "o", "mip_lm_scores": "s", "greedy": "^", "max_params": "v", "noop_only": "D",
                "uniform": "P", "random_best": "x"}
-    for ax, stage in zip(axes, ("before", "after")):
+    panels = [("measured", "before", "decode latency / parent's (measured here, batch 8)"),
+              ("measured", "after", "decode latency / parent's (measured here, batch 8)"),
+              ("roofline", "after", "decode latency / parent's (H100 roofline, the budget's batch)")]
+    for ax, (latency, stage, xlabel) in zip(axes, panels):
         for bname, b in result["budgets"].items():
+            if b.get("latency") != latency:
+                continue
             for method, row in b.get("children", {}).items():
                 if stage in row:
-                    ax.scatter(1 / row["speedup"]["decode"], row[stage]["accuracy"] / parent_acc,
-                               marker=markers.get(method, "."), label=method, alpha=0.8)
+                    x = (1 / row["speedup"]["decode"] if latency == "measured"
+                         else row["relative_cost"][f"decode_latency@{b['batch_size']}"])
+                    ax.scatter(x, row[stage]["accuracy"] / parent_acc, marker=markers.get(method, "."),
+                               color=f"C{list(markers).index(method) if method in markers else 9}",
+                               label=method, alpha=0.8)
         ax.axhline(0.97, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("decode latency / parent's (measured, batch 8)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("next-token accuracy / parent's")
-        ax.set_title(f"children {stage} distillation")
+        ax.set_title(f"{latency} latency budgets: children {stage} distillation")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)
@@ -199,9 +229,21 @@ def main(argv=None) -> int:
     p.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
     p.add_argument("--seeds", type=int, default=3,
                    help="distillation seeds (data order) for the MIP child and the two best baselines at the goal's budget")
+    p.add_argument("--latency-only", action="store_true",
+                   help="re-measure only the whole-model latencies of the children in results/study.json")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: at least 1 (the first distillation is seed 0), got {args.seeds}")
+    if args.latency_only:
+        path = args.results / "study.json"
+        if not path.exists():
+            p.error(f"--latency-only: {path} does not exist; run the study first")
+        result = json.loads(path.read_text())
+        measure_latency(result, args.dir)
+        result["meta"]["latency_date"] = datetime.date.today().isoformat()
+        path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+        plot(result, args.results / "study.png")
+        return 0
     t0 = time.perf_counter()
     result = run(args.dir, args.parent, bld_tokens=args.bld_tokens, distill_steps=args.distill_steps,
                  distill_lr=args.distill_lr, distill_batch=args.distill_batch, seeds=args.seeds)

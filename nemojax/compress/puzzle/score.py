@@ -445,7 +445,9 @@ def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: in
     decode step ((generate of 1 + new tokens - generate of 1) / new), through `nemojax.generate`, which
     compiles prefill and its lax.scan decode loop into one program, as a server would run them. Each
     model is timed once per round, rounds interleaved so that the machine's drift falls on all alike;
-    also the spread (max / min over rounds)."""
+    also the spread (max / min over rounds) and every round's times ("prefill_rounds", "decode_rounds").
+    A decode step is a difference of two timings: take `new` large enough that the decode steps, not the
+    prefill's noise, make up most of the longer run."""
     tokens = jnp.zeros((batch, prompt), jnp.int32)
 
     def timed(model, n):
@@ -461,4 +463,5 @@ def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: in
                 times[name]["prefill"].append(one)
                 times[name]["decode"].append((many - one) / new)
     return {name: {phase: statistics.median(v) for phase, v in t.items()}
-            | {f"{phase}_spread": max(v) / min(v) for phase, v in t.items()} for name, t in times.items()}
+            | {f"{phase}_spread": max(v) / min(v) for phase, v in t.items()}
+            | {f"{phase}_rounds": v for phase, v in t.items()} for name, t in times.items()}
