@@ -25,7 +25,6 @@ import pytest
 from testutils import closed_form_counts  # equals nj.param_counts (test_config.py asserts it), no tracing
 
 import nemojax as nj
-from nemojax.compress.puzzle import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "experiments/ntk/README.md", "experiments/benchmarks/RESULTS.md",
@@ -662,10 +661,6 @@ def puzzle_study_table(d):
     return rows
 
 
-# the goal's baselines, as study.py names them (mip_lm_scores is the objective comparison, not a baseline)
-STUDY_BASELINES = (*pipeline.BASELINES, "random_best")
-
-
 def seed_stats(d, row, key: str) -> tuple[float, float, float]:
     """(mean, min, max) over the distillation seeds of accuracy (as % of the parent's) or KL."""
     scale = 100 / d["parent"]["eval"]["accuracy"] if key == "accuracy" else 1
@@ -702,8 +697,8 @@ def seeded_comparison(d, b) -> str:
 
     def relation(metric, better, word):
         rest = sorted(set(repeated) - set(better))
-        return ([f"in {metric} every seed of the MIP child is {word} every seed of {' and '.join(better)}"] * bool(better)
-                + [f"in {metric} its seed range and that of {' and '.join(rest)} overlap"] * bool(rest))
+        return ([f"in {metric} every seed of the MIP child is {word} every seed of {join_and(better)}"] * bool(better)
+                + [f"in {metric} its seed range and that of {join_and(rest)} overlap"] * bool(rest))
 
     speed = f"a decode speedup of {mip['speedup']['decode']:.2f}x measured here"
     if b.get("latency") == "roofline":
@@ -734,6 +729,9 @@ def puzzle_study_prose(d):
     sb, eb = m["score_batches"], m["eval_batches"]
     measured = {budget_label(b): b["children"]["mip"]["speedup"]["decode"] for b in d["budgets"].values()
                 if b.get("latency") == "measured" and "children" in b}
+    on_cpu = [b for b in seeded.values() if b["latency"] == "measured"]  # the goal's budgets on this CPU
+    batches = sorted({b["batch_size"] for b in on_cpu})
+    half = all(b["children"]["mip"]["speedup"]["decode"] >= 2 for b in on_cpu)
     return [f"{m['bld_tokens']} tokens per candidate",
             f"{m['distill_steps']} steps of {m['distill_batch']} sequences of {lat['prompt']} bytes",
             f"the replace-one scores use held-out batches 0-{sb - 1}",
@@ -742,7 +740,14 @@ def puzzle_study_prose(d):
             f"timed in turns over {lat['rounds']} rounds",
             f"with {m['distill_seeds']} data orders",
             "measured whole-model decode speedups of the MIP children: "
-            + ", ".join(f"{s:.2f}x at {label}" for label, s in measured.items())] + [
+            + ", ".join(f"{s:.2f}x at {label}" for label, s in measured.items()),
+            f"timed alone at the search's batch size ({join_and([str(x) for x in batches])} for "
+            + ("both budgets)" if len(on_cpu) == 2 else f"these {len(on_cpu)} budgets)"),
+            "Half the parent's measured decode latency or less is " + ("reached" if half else "not reached")
+            + " at both budgets" * half,
+            "the no-op-only children, which keep both attention layers, measure "
+            + join_and([f"{b['children']['noop_only']['speedup']['decode']:.2f}x" for b in on_cpu]) + ", the MIP's "
+            + join_and([f"{b['children']['mip']['speedup']['decode']:.2f}x" for b in on_cpu])] + [
             seeded_comparison(d, b) for b in seeded.values()] + [lm_scores_comparison(b) for b in seeded.values()] + [
             f"at {budget_label(b)} the MIP child removes or linearises "
             f"{sum(k.endswith((':noop', ':linear')) for k in b['children']['mip']['keys'])} of its "

@@ -108,9 +108,7 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     pipeline.run_bld(directory, tokens=bld_tokens, lr=1e-3)
     if not (directory / "scores" / "scores.json").exists():
         pipeline.run_score(directory, eval_batches=SCORE_BATCHES, batch_sizes=BATCH_SIZES, dtype="float32")
-    tc, parent = pipeline.load_parent(directory)
-    candidates, meta = library.load_library(directory / "library" / "library.json", parent)
-    tokens = pipeline.calibration_tokens(tc, meta["calibration_batches"])
+    tc, parent, candidates, tokens = load_inputs(directory)
     options = {mode: pipeline.options_table(directory, latency=mode) for mode in ("measured", "roofline")}
     batches = eval_batches(tc, EVAL_BATCHES)
     bld_dir = directory / "bld"
@@ -162,11 +160,16 @@ def run(directory: Path, parent_run: Path, *, bld_tokens: int, distill_steps: in
     return out
 
 
-def measure_latency(out: dict, directory: Path) -> None:
-    """Whole-model latency of the parent and every child in `out`, measured together, into `out`."""
+def load_inputs(directory: Path):
+    """(training config, parent, library candidates, calibration tokens) of the study's directory."""
     tc, parent = pipeline.load_parent(directory)
     candidates, meta = library.load_library(directory / "library" / "library.json", parent)
-    tokens = pipeline.calibration_tokens(tc, meta["calibration_batches"])
+    return tc, parent, candidates, pipeline.calibration_tokens(tc, meta["calibration_batches"])
+
+
+def measure_latency(out: dict, directory: Path) -> None:
+    """Whole-model latency of the parent and every child in `out`, measured together, into `out`."""
+    tc, parent, candidates, tokens = load_inputs(directory)
     models = {"parent": parent}
     for bname, b in out["budgets"].items():
         for method, row in b.get("children", {}).items():
@@ -228,13 +231,20 @@ def main(argv=None) -> int:
     p.add_argument("--distill-lr", type=float, default=1e-3)
     p.add_argument("--distill-batch", type=int, default=8, help="sequences per distillation step")
     p.add_argument("--seeds", type=int, default=3,
-                   help="distillation seeds (data order) for the MIP child and the two best baselines at the goal's budget")
+                   help="distillation seeds (data order) for the MIP child and the two best baselines at the "
+                        "budgets where every child is distilled")
     p.add_argument("--latency-only", action="store_true",
                    help="re-measure only the whole-model latencies of the children in results/study.json")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds: at least 1 (the first distillation is seed 0), got {args.seeds}")
     if args.latency_only:
+        unused = [f"--{name.replace('_', '-')}" for name in ("parent", "bld_tokens", "distill_steps", "distill_lr",
+                                                               "distill_batch", "seeds")
+                  if getattr(args, name) != p.get_default(name)]
+        if unused:
+            p.error(f"--latency-only re-times the children in study.json and uses only --dir and --results; "
+                    f"drop {', '.join(unused)}")
         path = args.results / "study.json"
         if not path.exists():
             p.error(f"--latency-only: {path} does not exist; run the study first")
