@@ -34,11 +34,11 @@ import numpy as np
 
 from nemojax.compress import fusion
 from nemojax.compress.fusion.fuse import FFN_KINDS
-from nemojax.compress.puzzle import score
+from nemojax.compress.puzzle import pipeline, score
 from nemojax.compress.puzzle.distill import distill
 from nemojax.config import NoOpSpec
 from nemojax.nn.model import param_counts
-from nemojax.train.loop import load_run, make_dataset
+from nemojax.train.loop import load_run
 
 HERE = Path(__file__).parent
 REMOVED = (2, 4, 6)  # attention 2, Mamba 4 and 6: FFN layers 1, 3, 5, 7 become one run
@@ -49,11 +49,6 @@ FUSIONS = {  # name: (start, stop, norm)
 }
 COLLAPSE = 0.5  # full-block windows are added until accuracy falls below this fraction of the parent's
 LATENCY = {"batch": 8, "new_tokens": 384, "rounds": 5}
-
-
-def batches(tc, first: int, n: int) -> list[dict]:
-    ds = make_dataset(tc, "validation")
-    return [ds.batch(first + i) for i in range(n)]
 
 
 def reversed_run(model, layers):
@@ -91,11 +86,13 @@ def block_children(parent, blocks: dict) -> dict:
     return out
 
 
-def latency(result: dict, models: dict, prompt: int) -> None:
-    """Whole-model prefill and decode latency of every model, measured together (`score.model_latency`)."""
-    result["latency"] = score.model_latency(models, batch=LATENCY["batch"], prompt=prompt,
-                                            new=LATENCY["new_tokens"], rounds=LATENCY["rounds"])
-    result["latency_setting"] = {**LATENCY, "prompt": prompt, "date": datetime.date.today().isoformat()}
+def latency(result: dict, models: dict, tc) -> None:
+    """Whole-model prefill and decode latency of every model, measured together (`score.model_latency`) on
+    LATENCY["batch"] held-out prompts of seq_len tokens (the rows after the evaluation's batches)."""
+    prompts = pipeline.heldout_prompts(tc, LATENCY["batch"], tc.seq_len, first=SCORE_BATCHES + EVAL_BATCHES)
+    result["latency"] = score.model_latency(models, prompts, new=LATENCY["new_tokens"], rounds=LATENCY["rounds"])
+    result["latency_setting"] = {**LATENCY, "prompt": tc.seq_len, "prompts": "held-out text",
+                                 "date": datetime.date.today().isoformat()}
 
 
 def window_rows(parent, M, eval_b, parent_acc) -> dict:
@@ -120,7 +117,8 @@ def window_rows(parent, M, eval_b, parent_acc) -> dict:
 def run(parent_run: Path, runs: Path, results: Path, *, base_steps: int, distill_steps: int, lr: float,
         batch: int) -> dict:
     tc, parent, _ = load_run(parent_run)
-    score_b, eval_b = batches(tc, 0, SCORE_BATCHES), batches(tc, SCORE_BATCHES, EVAL_BATCHES)
+    score_b = pipeline.heldout_batches(tc, SCORE_BATCHES)
+    eval_b = pipeline.heldout_batches(tc, EVAL_BATCHES, first=SCORE_BATCHES)
     kw = dict(lr=lr, quiet=True, batch_size=batch)
 
     print("base: parent without layers", REMOVED)
@@ -168,7 +166,7 @@ def run(parent_run: Path, runs: Path, results: Path, *, base_steps: int, distill
     out["blocks"] = window_rows(parent, M_parent, eval_b, out["parent"]["eval"]["accuracy"])
 
     print("latency")
-    latency(out, {"parent": parent, "base": base, **children, **block_children(parent, out["blocks"])}, tc.seq_len)
+    latency(out, {"parent": parent, "base": base, **children, **block_children(parent, out["blocks"])}, tc)
     out["meta"] = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "machine": platform.machine(),
                    "device": jax.devices()[0].device_kind, "base_steps": base_steps, "distill_steps": distill_steps,
                    "distill_lr": lr, "distill_batch": batch, "seq_len": tc.seq_len,
@@ -227,7 +225,7 @@ def main(argv=None) -> int:
         base = load_run(args.runs / "base")[1]
         models = {"parent": parent, "base": base, **base_children(base, result["ffn_importance"]),
                   **block_children(parent, result["blocks"])}
-        latency(result, models, tc.seq_len)
+        latency(result, models, tc)
     else:
         result = run(args.parent, args.runs, args.results, base_steps=args.base_steps,
                      distill_steps=args.distill_steps, lr=args.lr, batch=args.batch)

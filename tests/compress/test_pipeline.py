@@ -3,14 +3,15 @@ the child it builds has the parameters the search's cost table promised (param_c
 
 import json
 
+import numpy as np
 import pytest
 
 from nemojax.cli import main
-from nemojax.compress.puzzle import bld
+from nemojax.compress.puzzle import bld, pipeline
 from nemojax.io.hf import load_pretrained
 from nemojax.nn.model import param_counts
 from nemojax.train import TrainConfig, train
-from nemojax.train.loop import load_run
+from nemojax.train.loop import load_run, make_dataset
 
 
 def layer_params(cfg):
@@ -66,3 +67,16 @@ def test_puzzle_cli_errors_name_the_flag(argv, needle, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+
+def test_heldout_batches_and_prompts_are_the_validation_rows_in_order():
+    tc = TrainConfig(preset="tiny-hybrid", seq_len=32, batch_size=4)
+    ds = make_dataset(tc, "validation")
+    for i, b in enumerate(pipeline.heldout_batches(tc, 2, first=1)):
+        np.testing.assert_array_equal(b["inputs"], ds.batch(1 + i)["inputs"])
+    prompts = pipeline.heldout_prompts(tc, 6, 20, first=2)  # 6 rows: all of batch 2 and two of batch 3
+    np.testing.assert_array_equal(prompts, np.concatenate([ds.batch(2)["inputs"], ds.batch(3)["inputs"][:2]])[:, :20])
+    assert len({p.tobytes() for p in prompts}) == 6
+    with pytest.raises(ValueError, match="length: between 1 and the sequence length 32; got 33"):
+        pipeline.heldout_prompts(tc, 2, 33)

@@ -251,3 +251,15 @@ def test_compare_equals_numpy_formulas_for_a_child_that_differs_in_every_layer(p
         np.testing.assert_allclose(got[name], ref[name], rtol=2e-4, atol=1e-7, err_msg=name)
     assert abs(got["accuracy"] - ref["accuracy"]) <= 1 / n
     assert score.compare(parent, parent, batches)["kl"] == 0.0
+
+
+def test_model_latency_times_every_model_in_every_round_and_names_bad_prompts(parent):
+    with pytest.raises(ValueError, match="tokens: int \\[batch, prompt\\]"):
+        score.model_latency({"parent": parent}, np.zeros(5, np.int32), new=2)
+    with pytest.raises(ValueError, match="rounds"):
+        score.model_latency({"parent": parent}, np.zeros((2, 4), np.int32), new=2, rounds=0)
+    prompts = np.random.default_rng(0).integers(0, parent.cfg.vocab_size, (2, 4))
+    lat = score.model_latency({"a": parent, "b": parent}, prompts, new=2, rounds=2)
+    for t in lat.values():
+        assert len(t["prefill_rounds"]) == len(t["decode_rounds"]) == 2
+        assert t["prefill"] == np.median(t["prefill_rounds"]) > 0

@@ -49,9 +49,21 @@ def calibration_tokens(tc, batches: int) -> np.ndarray:
     return np.concatenate([ds.batch(i)["inputs"] for i in range(batches)])
 
 
-def heldout_batches(tc, batches: int) -> list[dict]:
+def heldout_batches(tc, batches: int, first: int = 0) -> list[dict]:
+    """Batches `first` .. `first` + `batches` - 1 of the parent's validation split."""
     ds = make_dataset(tc, "validation")
-    return [ds.batch(i) for i in range(batches)]
+    return [ds.batch(first + i) for i in range(batches)]
+
+
+def heldout_prompts(tc, rows: int, length: int, first: int = 0) -> np.ndarray:
+    """int32 [rows, length]: the first `length` tokens of the validation split's rows from batch `first`
+    on (distinct texts, as a batch of real requests is: an MoE layer routes them apart)."""
+    if not 0 < length <= tc.seq_len:
+        raise ValueError(f"length: between 1 and the sequence length {tc.seq_len}; got {length}")
+    ds, found = make_dataset(tc, "validation"), []
+    while sum(len(b) for b in found) < rows:
+        found.append(np.asarray(ds.batch(first + len(found))["inputs"]))
+    return np.concatenate(found)[:rows, :length]
 
 
 def run_library(directory, parent_run=None, *, kinds=None, layers=None, calibration_batches: int = 4,

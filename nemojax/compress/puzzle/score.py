@@ -440,15 +440,20 @@ def candidate_costs(parent, candidates: dict, *, batch: int, seq_len: int, dtype
     return out
 
 
-def model_latency(models: dict, *, batch: int, prompt: int, new: int, rounds: int = 3) -> dict:
-    """Per model: median seconds of a prefill of `prompt` tokens (`generate` of one token) and of one
-    decode step ((generate of 1 + new tokens - generate of 1) / new), through `nemojax.generate`, which
-    compiles prefill and its lax.scan decode loop into one program, as a server would run them. Each
-    model is timed once per round, rounds interleaved so that the machine's drift falls on all alike;
-    also the spread (max / min over rounds) and every round's times ("prefill_rounds", "decode_rounds").
-    A decode step is a difference of two timings: take `new` large enough that the decode steps, not the
-    prefill's noise, make up most of the longer run."""
-    tokens = jnp.zeros((batch, prompt), jnp.int32)
+def model_latency(models: dict, tokens, *, new: int, rounds: int = 3) -> dict:
+    """Per model: median seconds of a prefill of the prompts `tokens` (int [batch, prompt]; `generate` of
+    one token) and of one decode step ((generate of 1 + new tokens - generate of 1) / new), through
+    `nemojax.generate`, which compiles prefill and its lax.scan decode loop into one program, as a server
+    would run them. Give distinct prompts (held-out text): identical rows route every row of an MoE layer
+    to the same experts, which a batch of real requests does not. Each model is timed once per round,
+    rounds interleaved so that the machine's drift falls on all alike; also the spread (max / min over
+    rounds) and every round's times ("prefill_rounds", "decode_rounds"). A decode step is a difference
+    of two timings: take `new` large enough that the decode steps, not the prefill's noise, make up most
+    of the longer run."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or not tokens.size:
+        raise ValueError(f"tokens: int [batch, prompt] prompts; got shape {tokens.shape}")
+    _check_positive(new=new, rounds=rounds)
 
     def timed(model, n):
         t0 = time.perf_counter()
