@@ -645,7 +645,7 @@ def budget_label(b) -> str:
 @table(STUDY)
 def puzzle_study_table(d):
     acc = d["parent"]["eval"]["accuracy"]
-    rows = [["budget", "child", "layers", "budgeted cost", "decode speedup", "prefill speedup", "KL before",
+    rows = [["budget", "child", "layers", "summed layer cost", "decode speedup", "prefill speedup", "KL before",
              "accuracy before", "KL after", "accuracy after"]]
     for b in d["budgets"].values():
         if "children" not in b:
