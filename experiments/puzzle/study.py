@@ -14,13 +14,12 @@ training data) runs for every child at the budgets of DISTILL_ALL and for the MI
 and with the LM loss added for the MIP child at DISTILL_ALL; there the MIP child and the two best
 baselines are distilled again with `--seeds` - 1 further data orders, so that the goal's comparison
 carries its seed spread. Latency budgets bound the per-layer times measured here, except
-"roofline50", which bounds the analytic H100 decode time (bytes and FLOPs at the roofline): there
-narrowing a layer saves time in proportion, where on this CPU a layer's fixed dispatch cost makes
-removing it the only large saving. On this CPU the layers' times, each timed alone, do not add up to
-the whole model's (the JSON has both for every child: relative_cost and speedup), so at the measured
-latency budgets every method is calibrated: the budget it searches under is scaled until its child's
-whole-model decode latency, measured against the parent's, is at most the budget (`Study.calibrated`),
-so that all children are compared at the same measured latency. Uniform width has no child at a budget
+"roofline50", which bounds the analytic H100 decode time (bytes and FLOPs at the roofline). On this
+CPU the layers' times, each timed alone, do not add up to the whole model's (the JSON has both for
+every child: relative_cost and speedup), so at the measured decode latency budgets every method is
+calibrated: the budget it searches under is scaled until its child's whole-model decode latency,
+measured against the parent's, is at most the budget (`Study.calibrated`), so that all children are
+compared at the same measured latency. Uniform width has no child at a budget
 where no single fraction fits (the JSON names those). Writes results/study.json and results/study.png.
 
     python experiments/puzzle/study.py --latency-only   # re-time the children in results/study.json
@@ -53,7 +52,7 @@ BUDGETS = {"decode75": ({"decode_latency": 0.75}, "measured"), "decode50": ({"de
            "decode35": ({"decode_latency": 0.35}, "measured"), "memory50": ({"memory": 0.5}, "measured"),
            "roofline50": ({"decode_latency": 0.5}, "roofline")}
 DISTILL_ALL = ("decode50", "decode35", "roofline50")  # the budgets at which every child is distilled
-BATCH_SIZES = (1, 8)  # the batch sizes the score stage costs and the search re-solves over
+BATCH_SIZES = (1, 8)  # the score stage's batch sizes; the MIP re-solves over them where not calibrated
 SCORE_BATCHES, EVAL_BATCHES = 4, 8
 RANDOM_CHILDREN = 20
 # Whole-model timing (`score.model_latency`): `batch` held-out prompts of seq_len - new_tokens tokens, so
@@ -284,6 +283,7 @@ def plot(result: dict, path: Path) -> None:
     markers = {"mip": "o", "mip_lm_scores": "s", "greedy": "^", "max_params": "v", "noop_only": "D",
                "uniform": "P", "random_best": "x"}
     measured = f"decode latency / parent's (measured here, batch {LATENCY['batch']})"
+    titles = {"measured": "budgets on this CPU's costs", "roofline": "budget on the H100 roofline"}
     panels = [("measured", "before", measured), ("measured", "after", measured),
               ("roofline", "after", "decode latency / parent's (H100 roofline, the budget's batch)")]
     for ax, (latency, stage, xlabel) in zip(axes, panels):
@@ -300,7 +300,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(0.97, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("next-token accuracy / parent's")
-        ax.set_title(f"{latency} latency budgets: children {stage} distillation")
+        ax.set_title(f"{titles[latency]}: children {stage} distillation")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=7)

@@ -69,7 +69,6 @@ def test_puzzle_cli_errors_name_the_flag(argv, needle, tmp_path, capsys):
     assert exc.value.code == 2 and needle in capsys.readouterr().err
 
 
-
 def test_heldout_batches_and_prompts_are_the_validation_rows_in_order():
     tc = TrainConfig(preset="tiny-hybrid", seq_len=32, batch_size=4)
     ds = make_dataset(tc, "validation")
